@@ -1,0 +1,47 @@
+"""Shared fixtures: the real photos and real weights in ../shared (test data only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GUIDEFLOW_SHARED", REPO.parent / "shared"))
+IMAGES_DIR = SHARED / "testdata" / "images"
+MODELS_DIR = SHARED / "models"
+
+# Tests never download: the model store is pointed at ../shared/models and kept offline.
+os.environ.setdefault("GUIDEFLOW_MODELS_DIR", str(MODELS_DIR))
+os.environ.setdefault("GUIDEFLOW_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def photo_paths() -> list[Path]:
+    """Every real photo in ../shared/testdata/images (sorted, for stable test ids)."""
+    return sorted(IMAGES_DIR.glob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def images_dir() -> Path:
+    if not IMAGES_DIR.is_dir():
+        pytest.fail(f"test photos missing: {IMAGES_DIR} (set GUIDEFLOW_SHARED)")
+    return IMAGES_DIR
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    if not MODELS_DIR.is_dir():
+        pytest.fail(f"test weights missing: {MODELS_DIR} (set GUIDEFLOW_SHARED)")
+    return MODELS_DIR
+
+
+@pytest.fixture()
+def photo_bytes(images_dir: Path):
+    """Return the raw bytes of one named photo, e.g. photo_bytes('room.png')."""
+
+    def _read(name: str) -> bytes:
+        return (images_dir / name).read_bytes()
+
+    return _read
