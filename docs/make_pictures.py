@@ -1,9 +1,10 @@
 """Regenerate the README's before/after pictures: ``python docs/make_pictures.py``.
 
-For every preprocessor, with its default variant or else the first one whose weights resolve, run the real engine on a
-real photo and save ``docs/<name>.png``: the input on the left, the guide image on
-the right, both 320 px high. Preprocessors whose weights are missing are listed and
-skipped, so the pictures always show real output, never a placeholder.
+For every preprocessor, with its default variant or else the first variant whose
+weights resolve, run the real engine on a real photo and save ``docs/<name>.png``:
+the input on the left, the guide image on the right, both 320 px high. Preprocessors
+with no weights at all are listed and skipped, so the pictures always show real
+output, never a placeholder.
 """
 
 from __future__ import annotations
