@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/guideflow preprocess examples/images/room.jpg examples/images/human.jpg --type canny -o out/demo
+	$(BIN)/guideflow run examples/manifest.csv --preprocessor canny --output out/demo/guides --ledger out/demo/ledger
 
 lint: install
 	$(BIN)/ruff check .

@@ -663,3 +663,85 @@ def encode_image(arr: np.ndarray, fmt: str = "PNG", quality: int = 95) -> bytes:
     if not ok:
         raise GuideflowError(f"OpenCV failed to encode a {img.shape} image as {fmt}.")
     return buf.tobytes()
+
+
+# --------------------------------------------------------------------------------------
+# Image references in the protocol: UUID, data URI, raw base64 or URL
+# --------------------------------------------------------------------------------------
+
+ImageRefKind = str  # "uuid" | "dataURI" | "url" | "base64"
+_DATA_URI_MEDIA_TYPES = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/jpg": "JPEG",
+    "image/webp": "WEBP",
+    "image/bmp": "BMP",
+    "image/gif": "GIF",
+}
+
+
+def classify_image_ref(ref: str) -> ImageRefKind:
+    """What kind of reference a protocol ``inputImage`` / ``inputs.image`` string is.
+
+    A UUID (an uploaded or generated image), a ``data:`` URI, an ``http(s)``/other
+    URL (``scheme://``), or else raw base64.
+    """
+    import uuid as _uuid
+
+    text = ref.strip()
+    if len(text) == 36:
+        try:
+            _uuid.UUID(text)
+            return "uuid"
+        except ValueError:
+            pass
+    if text[:5].lower() == "data:":
+        return "dataURI"
+    head = text[:16].lower()
+    if "://" in head:
+        return "url"
+    return "base64"
+
+
+def decode_base64_image(text: str, *, parameter: str = INPUT_PARAMETER) -> bytes:
+    """Strict base64 → bytes (whitespace ignored, padding optional); ``invalidImage`` if bad."""
+    cleaned = "".join(text.split())
+    cleaned += "=" * (-len(cleaned) % 4)
+    try:
+        data = base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage("the image is not valid base64", parameter=parameter) from None
+    if not data:
+        raise InvalidImage("the base64 image is empty", parameter=parameter)
+    return data
+
+
+def decode_data_uri(uri: str, *, parameter: str = INPUT_PARAMETER) -> bytes:
+    """``data:image/<type>;base64,...`` → bytes.
+
+    The media type must be one of the supported image types
+    (``unsupportedImageFormat`` otherwise) and the payload must be base64.
+    """
+    header, sep, payload = uri.strip().partition(",")
+    if not sep:
+        raise InvalidImage("a data URI needs a ',' before its data", parameter=parameter)
+    meta = header[5:].split(";")
+    media_type = meta[0].strip().lower()
+    if media_type not in _DATA_URI_MEDIA_TYPES:
+        raise UnsupportedImageFormat(
+            f"data URI media type {media_type or '(none)'!r} is not an image type we accept "
+            f"({', '.join(sorted(set(_DATA_URI_MEDIA_TYPES) - {'image/jpg'}))})",
+            parameter=parameter,
+        )
+    if "base64" not in (m.strip().lower() for m in meta[1:]):
+        raise InvalidImage("a data URI image must be base64-encoded", parameter=parameter)
+    return decode_base64_image(payload, parameter=parameter)
+
+
+def encode_data_uri(data: bytes, fmt: str) -> str:
+    """Bytes of an encoded image (``fmt`` JPG/PNG/WEBP) as a ``data:`` URI."""
+    return f"data:{content_type(fmt)};base64,{base64.b64encode(data).decode()}"
+
+
+def encode_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List, download and verify model weights.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+ledger_app = typer.Typer(help="Read the parquet run ledger.", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
 
 out = Console()
 err = Console(stderr=True)
@@ -155,6 +157,82 @@ def preprocess(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+    api_key_env: Annotated[
+        str, typer.Option(help="Environment variable holding the comma-separated API keys.")
+    ] = "GUIDEFLOW_API_KEYS",
+    workers: Annotated[
+        int, typer.Option(help="Preprocessing threads (default: CPU count).")
+    ] = os.cpu_count() or 1,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Run without API keys (explicit opt-in).")
+    ] = False,
+    allow_net: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-net",
+            help="CIDR or host name that outbound URLs may reach although private "
+            "(repeatable; adds to $GUIDEFLOW_NET_ALLOW).",
+        ),
+    ] = None,
+    public_url: Annotated[
+        str | None, typer.Option(help="Base URL for guideImageURL (default: the request's).")
+    ] = None,
+    ttl: Annotated[int, typer.Option(help="Default lifetime of image URLs, seconds.")] = 86_400,
+    storage_dir: Annotated[
+        Path | None, typer.Option(help="Where images are stored (default: a temp dir).")
+    ] = None,
+    queue_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Tasks queued+running at most (default: max(256, 32 x workers)).",
+        ),
+    ] = None,
+    max_body_mb: Annotated[int, typer.Option(help="Request body limit in MiB.")] = 64,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the Runware-compatible HTTP server (POST /v1) on HOST:PORT under uvicorn."""
+    import logging
+
+    import uvicorn
+
+    from engine.server import ServerConfig, create_app, load_api_keys
+    from guideflow.netguard import NetPolicy
+
+    keys = load_api_keys(api_key_env)
+    if not keys and not no_auth:
+        err.print(f"[red]no API keys: set {api_key_env} (comma-separated) or pass --no-auth[/red]")
+        raise typer.Exit(2)
+    env_policy = NetPolicy.from_env()
+    config = ServerConfig(
+        api_keys=keys,
+        no_auth=no_auth,
+        workers=workers,
+        queue_size=queue_size,
+        public_url=public_url,
+        ttl=ttl,
+        storage_dir=storage_dir,
+        max_body_bytes=max_body_mb * 1024 * 1024,
+        net_policy=NetPolicy(allow=(*env_policy.allow, *(allow_net or []))),
+    )
+    try:
+        application = create_app(config)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if no_auth:
+        err.print(
+            "[yellow]warning: --no-auth: the server accepts requests without an API key[/yellow]"
+        )
+    uvicorn.run(application, host=host, port=port, log_level=log_level.lower())
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Every model the preprocessors use: licence, size, checksum and where it was found."""
@@ -219,6 +297,135 @@ def models_verify() -> None:
             _print_error(name, exc)
     if bad:
         raise typer.Exit(1)
+
+
+@ledger_app.command("summary")
+def ledger_summary(
+    ledger_url: Annotated[
+        str,
+        typer.Argument(help="Ledger root: a path, file://, s3://, gs://...", show_default=False),
+    ],
+    by: Annotated[
+        str, typer.Option("--by", help="Group by: preprocessor, day or run.")
+    ] = "preprocessor",
+) -> None:
+    """Counts by status, errors by code and cost in a run ledger, with a total line.
+
+    S3 credentials and endpoint come from the environment (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or GUIDEFLOW_S3_ENDPOINT).
+    """
+    from connectors import ledger
+
+    try:
+        summary = ledger.summarize(ledger_url, by=by)  # type: ignore[arg-type]
+    except GuideflowError as exc:
+        _print_error(ledger_url, exc)
+        raise typer.Exit(2) from None
+    except (OSError, ValueError) as exc:  # unreadable store or file (ArrowInvalid is a ValueError)
+        message = f"cannot read ledger {ledger_url}: {exc}"
+        err.print(message, style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    if summary.empty:
+        err.print(f"no ledger rows at {ledger_url}", highlight=False)
+        raise typer.Exit(1)
+
+    def cells(counts: Any) -> list[str]:
+        codes = ", ".join(f"{code}: {n}" for code, n in counts["errors_by_code"].items())
+        numbers = [str(int(counts[c])) for c in ("success", "error", "skipped", "total")]
+        return [*numbers, f"{counts['cost_usd']:.4f}", codes or "-"]
+
+    table = Table(by, "success", "error", "skipped", "total", "cost_usd", "errors by code")
+    for i, (name, counts) in enumerate(summary.iterrows()):
+        table.add_row(str(name), *cells(counts), end_section=i == len(summary) - 1)
+    table.add_row("total", *cells(ledger.summary_totals(summary)), style="bold")
+    out.print(table)
+
+
+def _parse_run_settings(values: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set canny.lowThresholdCanny=50`` → ``{"canny": {"lowThresholdCanny": 50}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_set(values).items():
+        name, dot, setting = key.partition(".")
+        if not dot or not setting:
+            raise InvalidParameter(
+                f"--set for run expects preprocessor.setting=value, got {key!r}", parameter="set"
+            )
+        out.setdefault(name, {})[setting] = value
+    return out
+
+
+@app.command()
+def run(
+    manifest: Annotated[str, typer.Argument(help="Manifest URL: CSV, Parquet, JSONL or text.")],
+    preprocessor: Annotated[
+        list[str], typer.Option("--preprocessor", "-p", help="Preprocessor (repeatable).")
+    ],
+    output: Annotated[str, typer.Option(help="Output prefix URL (s3://, file path, ...).")],
+    ledger: Annotated[str, typer.Option(help="Ledger dataset URL.")],
+    backend: Annotated[str, typer.Option(help="local (embedded engine) or http.")] = "local",
+    endpoint: Annotated[
+        str | None, typer.Option(help="Runware-compatible /v1 URL for --backend http.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight per process.")] = 16,
+    rate: Annotated[float | None, typer.Option(help="Max tasks per second.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Tasks per POST (http backend).")] = 20,
+    shard_size: Annotated[int, typer.Option(help="Manifest rows per shard task.")] = 1000,
+    shards_in_flight: Annotated[int, typer.Option(help="Shards running at once.")] = 2,
+    output_format: Annotated[str, typer.Option("--format", help="PNG, JPG or WEBP.")] = "PNG",
+    width: Annotated[int | None, typer.Option(help="Downscale guides to this width.")] = None,
+    height: Annotated[int | None, typer.Option(help="Downscale guides to this height.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="preprocessor.setting=value (repeatable)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the work and its cost; do nothing.")] = False,
+    max_cost: Annotated[float | None, typer.Option(help="Budget in USD for this run.")] = None,
+    force: Annotated[bool, typer.Option(help="Redo work the ledger already has.")] = False,
+    dask_address: Annotated[
+        str | None, typer.Option(help="tcp://scheduler:8786 to run shards on Dask.")
+    ] = None,
+    global_limit: Annotated[
+        str | None, typer.Option(help="Prefect global concurrency limit name.")
+    ] = None,
+    image_column: Annotated[str, typer.Option(help="Manifest column with the URI.")] = "image",
+) -> None:
+    """Turn every image of MANIFEST into guide images and log each one's cost to the ledger.
+
+    Re-running does no work for images already in the ledger (--force redoes).
+    """
+    from flows.cli_runner import run_from_cli
+
+    try:
+        settings = _parse_run_settings(set_ or [])
+        code = run_from_cli(
+            manifest=manifest,
+            preprocessors=preprocessor,
+            output=output,
+            ledger=ledger,
+            backend=backend,
+            endpoint=endpoint,
+            concurrency=concurrency,
+            rate=rate,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            max_shards_in_flight=shards_in_flight,
+            output_format=output_format,
+            width=width,
+            height=height,
+            settings=settings,
+            dry_run=dry_run,
+            max_cost=max_cost,
+            force=force,
+            dask_address=dask_address,
+            global_concurrency_limit=global_limit,
+            image_column=image_column,
+            console=out,
+            err_console=err,
+        )
+    except GuideflowError as exc:
+        _print_error("<arguments>", exc)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.s3"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GUIDEFLOW_SHARED", REPO.parent / "shared"))
 IMAGES_DIR = SHARED / "testdata" / "images"

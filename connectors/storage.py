@@ -1,0 +1,453 @@
+"""Object storage for the pipeline: one place that opens filesystems, names outputs,
+presigns S3 URLs and reads/writes whole objects.
+
+Everything goes through fsspec, so ``s3://``, ``gs://``, ``memory://``, ``file://`` and
+plain paths all work the same way. Three things are decided here and nowhere else:
+
+- **Endpoints.** :func:`url_to_fs` injects an S3 endpoint from ``GUIDEFLOW_S3_ENDPOINT``
+  (then ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``) so MinIO, R2 or a moto server
+  need no per-call options, and forces SigV4 (``signature_version="s3v4"``): botocore
+  otherwise presigns S3 URLs with the deprecated SigV2, which newer regions reject.
+- **Output names.** :func:`output_key` builds keys from a template and escapes ids so a
+  manifest id can never climb out of the output prefix (no ``..``, no leading ``/``).
+- **Whole-object I/O.** :func:`read_bytes` reads at most ``max_bytes + 1`` bytes (a cap,
+  not a trust in the object's size) and :func:`write_bytes` publishes atomically: local
+  files via a temp file and ``os.replace``, object stores with a single PUT carrying
+  the Content-Type.
+
+Async filesystems (s3fs created with ``asynchronous=True``) are awaited directly; any
+other filesystem, including the default cached s3fs instance in sync mode, runs in a
+worker thread so the event loop never blocks. ``http(s)://`` URLs are refused here: they
+must go through :mod:`guideflow.netguard`, which guards against SSRF.
+
+Failures a manifest or an output location can cause are raised as :class:`StorageError`
+(a :class:`~guideflow.errors.GuideflowError`, so the pipeline writes its code into the
+ledger); objects over the byte cap raise :class:`~guideflow.errors.ImageTooLarge`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import re
+import string
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+
+import fsspec.core
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from guideflow.errors import GuideflowError, ImageTooLarge
+
+__all__ = [
+    "DEFAULT_OUTPUT_TEMPLATE",
+    "MAX_PRESIGN_EXPIRES",
+    "S3_ENDPOINT_ENV",
+    "StorageError",
+    "aclose",
+    "is_s3",
+    "output_key",
+    "presign_get",
+    "presign_put",
+    "read_bytes",
+    "url_to_fs",
+    "write_bytes",
+]
+
+DEFAULT_OUTPUT_TEMPLATE = "{prefix}/{preprocessor}/{image_id}.{ext}"
+"""Where a guide image goes unless the run names another template."""
+
+S3_ENDPOINT_ENV = ("GUIDEFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+"""Environment variables consulted, in this order, for an S3 endpoint override."""
+
+MAX_PRESIGN_EXPIRES = 7 * 24 * 3600
+"""SigV4 presigned URLs live at most 7 days (AWS rejects longer ``X-Amz-Expires``)."""
+
+_S3_SCHEMES = frozenset({"s3", "s3a"})
+_HTTP_SCHEMES = frozenset({"http", "https"})
+# Characters kept verbatim in a key segment: AWS's "safe" object-key characters.
+_KEY_SAFE = "-_.!*'()"
+_EXT_RE = re.compile(r"^[A-Za-z0-9]{1,16}$")
+
+
+def _storage_failures() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the store failed", not "the code is wrong".
+
+    fsspec maps most failures to OSError, but s3fs lets botocore's connection errors
+    and aiohttp's client errors through after its retries.
+    """
+    kinds: list[type[BaseException]] = [OSError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError
+
+        kinds.append(BotoCoreError)
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError
+
+        kinds.append(ClientError)
+    return tuple(kinds)
+
+
+_STORAGE_FAILURES = _storage_failures()
+
+
+class StorageError(GuideflowError):
+    """An object could not be read or written.
+
+    ``code`` says why: ``objectNotFound`` (404, not retryable), ``objectForbidden``
+    (403, not retryable) or ``storageError`` (502, retryable: network, throttling,
+    a full disk). The message names the URL without query string or credentials.
+    """
+
+    code = "storageError"
+    http_status = 502
+    retryable = True
+
+
+def is_s3(url: str) -> bool:
+    """True for ``s3://`` (and Hadoop-style ``s3a://``) URLs."""
+    return urlsplit(url).scheme.lower() in _S3_SCHEMES
+
+
+def url_to_fs(url: str, **storage_options: Any) -> tuple[AbstractFileSystem, str]:
+    """Open the fsspec filesystem for ``url`` and return it with the path inside it.
+
+    For S3 URLs an explicit ``endpoint_url`` (top-level or in ``client_kwargs``) wins;
+    otherwise the first set variable of :data:`S3_ENDPOINT_ENV` is used. SigV4 is
+    forced for S3 unless the caller set ``config_kwargs["signature_version"]`` itself,
+    so the returned filesystem can also be passed to :func:`presign_put`.
+    """
+    if is_s3(url):
+        storage_options = _s3_options(storage_options)
+    return fsspec.core.url_to_fs(url, **storage_options)
+
+
+def _s3_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` plus the endpoint from the environment and ``signature_version=s3v4``."""
+    out = dict(options)
+    client_kwargs = out.get("client_kwargs") or {}
+    if not out.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
+        endpoint = next((os.environ[n] for n in S3_ENDPOINT_ENV if os.environ.get(n)), None)
+        if endpoint:
+            out["endpoint_url"] = endpoint
+    config = dict(out.get("config_kwargs") or {})
+    config.setdefault("signature_version", "s3v4")
+    out["config_kwargs"] = config
+    return out
+
+
+def output_key(
+    template: str = DEFAULT_OUTPUT_TEMPLATE,
+    *,
+    prefix: str,
+    preprocessor: str,
+    image_id: str,
+    ext: str,
+    **fields: str,
+) -> str:
+    """Fill ``template`` to name one output object, e.g. ``s3://b/out/canny/42.png``.
+
+    ``prefix`` is used as given (minus trailing ``/``): it may be a URL or a path.
+    ``image_id`` may contain ``/`` to mirror an input layout, but every segment is
+    escaped: empty segments are dropped (no leading ``/``), ``.``/``..`` become
+    ``%2E``/``%2E%2E`` (no climbing out of the prefix) and characters outside
+    ``[A-Za-z0-9-_.!*'()~]`` are percent-encoded, so distinct ids get distinct keys.
+    ``preprocessor`` and any extra ``fields`` (e.g. ``variant``, ``settings_hash``) are
+    escaped as single segments; ``ext`` must be 1-16 letters/digits.
+    Raises ``ValueError`` for an empty id, a bad extension or an unknown placeholder.
+    """
+    if not _EXT_RE.match(ext):
+        raise ValueError(f"output extension must be 1-16 letters or digits, got {ext!r}")
+    values = {
+        "prefix": prefix.rstrip("/"),
+        "preprocessor": _key_segment(preprocessor, "preprocessor"),
+        "image_id": _key_path(image_id),
+        "ext": ext,
+        **{name: _key_segment(str(value), name) for name, value in fields.items()},
+    }
+    used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    unknown = sorted(used - values.keys())
+    if unknown:
+        raise ValueError(f"output template {template!r} uses unknown fields {unknown}")
+    key = template.format(**values)
+    return key.lstrip("/") if not values["prefix"] else key
+
+
+def _key_segment(value: str, what: str) -> str:
+    """Escape ``value`` as ONE key segment (``/`` is encoded too)."""
+    if value in ("", ".", ".."):
+        if not value:
+            raise ValueError(f"{what} must not be empty in an output key")
+        return value.replace(".", "%2E")
+    return quote(value, safe=_KEY_SAFE)
+
+
+def _key_path(image_id: str) -> str:
+    """Escape an id that may hold ``/``-separated segments (see :func:`output_key`)."""
+    segments = [_key_segment(s, "image_id") for s in image_id.split("/") if s]
+    if not segments:
+        raise ValueError(f"image_id {image_id!r} is empty once slashes are removed")
+    return "/".join(segments)
+
+
+async def presign_put(
+    url: str,
+    *,
+    content_type: str,
+    expires: int = 3600,
+    fs: AbstractFileSystem | None = None,
+) -> str:
+    """A SigV4 presigned URL that lets anyone holding it PUT ``url`` for ``expires`` s.
+
+    ``content_type`` is a signed header: the uploader must send exactly this
+    ``Content-Type``, and S3 stores it as the object's ContentType. Signing is local
+    (no request is sent) and done by s3fs's aiobotocore client: without ``fs`` the
+    cached s3fs of :func:`url_to_fs` (endpoint from the environment) signs in a worker
+    thread; an ``fs`` made by :func:`url_to_fs` (``asynchronous=True`` ones are awaited
+    on this loop) is used as given. A client that would sign with SigV2 is refused.
+    Raises ``ValueError`` for a non-S3 URL, a URL without a key, an empty content type
+    or an expiry outside 1 s..7 days.
+    """
+    if not content_type or not content_type.strip():
+        raise ValueError("presign_put needs a non-empty content_type")
+    return await _presign(url, "put_object", expires, fs, {"ContentType": content_type})
+
+
+async def presign_get(
+    url: str, *, expires: int = 3600, fs: AbstractFileSystem | None = None
+) -> str:
+    """A SigV4 presigned URL that lets anyone holding it GET ``url`` for ``expires`` s.
+
+    Same rules as :func:`presign_put`.
+    """
+    return await _presign(url, "get_object", expires, fs, {})
+
+
+async def _presign(
+    url: str,
+    method: str,
+    expires: int,
+    fs: AbstractFileSystem | None,
+    params: dict[str, str],
+) -> str:
+    """Check the arguments, then sign ``method`` on ``url`` with the given or the cached fs."""
+    _check_presign_args(url, expires)
+    if fs is None:
+        # fsspec's cached sync-mode s3fs: building a fresh aiobotocore client per URL
+        # costs 0.3-1 s (service-model parsing); the cached one presigns in ~1 ms.
+        fs, path = url_to_fs(url)
+    else:
+        path = fs._strip_protocol(url)
+    if getattr(fs, "asynchronous", False):
+        return await _presign_async(fs, path, method, expires, params)
+    return await asyncio.to_thread(_presign_sync, fs, path, method, expires, params)
+
+
+def _check_presign_args(url: str, expires: int) -> None:
+    """``ValueError`` unless ``url`` is ``s3://bucket/key`` and ``expires`` is 1 s..7 days."""
+    if not is_s3(url):
+        raise ValueError(f"only s3:// URLs can be presigned, got {_redact(url)}")
+    parts = urlsplit(url)
+    if not parts.netloc or not parts.path.strip("/"):
+        raise ValueError(f"a presigned URL needs s3://bucket/key, got {_redact(url)}")
+    if isinstance(expires, bool) or not isinstance(expires, int):
+        raise ValueError(f"expires must be an int number of seconds, got {expires!r}")
+    if not 1 <= expires <= MAX_PRESIGN_EXPIRES:
+        raise ValueError(f"expires must be 1..{MAX_PRESIGN_EXPIRES} seconds, got {expires}")
+
+
+async def _presign_async(
+    fs: Any, path: str, method: str, expires: int, params: dict[str, str]
+) -> str:
+    """Presign with an async s3fs (its aiobotocore client's ``generate_presigned_url``)."""
+    return _require_sigv4(await fs._url(path, expires=expires, client_method=method, **params))
+
+
+def _presign_sync(fs: Any, path: str, method: str, expires: int, params: dict[str, str]) -> str:
+    """Presign with a sync-mode s3fs (runs on fsspec's I/O loop; call from a thread)."""
+    return _require_sigv4(fs.url(path, expires=expires, client_method=method, **params))
+
+
+def _require_sigv4(signed: str) -> str:
+    """Return ``signed`` if it carries SigV4 query auth, else raise ``ValueError``.
+
+    botocore presigns S3 with SigV2 unless a signature version was configured, and the
+    client does not tell which it will use, so the URL itself is checked.
+    """
+    params = dict(parse_qsl(urlsplit(signed).query))
+    if params.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256" or "X-Amz-Signature" not in params:
+        raise ValueError(
+            "presigning needs an s3fs filesystem configured for SigV4 "
+            "(config_kwargs={'signature_version': 's3v4'}); connectors.storage.url_to_fs "
+            "makes one. This one produced a non-SigV4 URL."
+        )
+    return signed
+
+
+async def aclose(fs: AbstractFileSystem) -> None:
+    """Close the aiobotocore client(s) of an ``asynchronous=True`` s3fs; no-op otherwise.
+
+    Sync-mode filesystems close themselves when collected; async ones must be closed
+    on the loop that opened them, which only the caller can do.
+    """
+    if not getattr(fs, "asynchronous", False):
+        return
+    creator = getattr(fs, "_s3creator", None)
+    if creator is not None and getattr(fs, "_s3", None) is not None:
+        await creator.__aexit__(None, None, None)
+        fs._s3 = None
+
+
+async def read_bytes(
+    url: str,
+    *,
+    max_bytes: int,
+    fs: AbstractFileSystem | None = None,
+    parameter: str | None = "inputImage",
+) -> bytes:
+    """All bytes of ``url``, reading at most ``max_bytes + 1`` of them.
+
+    Raises :class:`~guideflow.errors.ImageTooLarge` when the object holds more than
+    ``max_bytes`` bytes and :class:`StorageError` when it cannot be read; both carry
+    ``parameter``. ``http(s)`` URLs raise ``ValueError``: fetch them through
+    :mod:`guideflow.netguard`.
+    """
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    fs, path = _resolve(url, fs)
+    try:
+        data = await _call(fs, "cat_file", path, start=0, end=max_bytes + 1)
+    except _STORAGE_FAILURES as exc:
+        # S3 answers a ranged GET of an empty object with 416 (s3fs: EINVAL); it is empty.
+        invalid_range = isinstance(exc, OSError) and exc.errno == errno.EINVAL
+        if invalid_range and await _is_empty_object(fs, path):
+            return b""
+        raise _storage_error(exc, url, "read", parameter) from exc
+    if len(data) > max_bytes:
+        raise ImageTooLarge(
+            f"{_redact(url)} is larger than the {max_bytes}-byte limit", parameter=parameter
+        )
+    return bytes(data)
+
+
+async def _is_empty_object(fs: AbstractFileSystem, path: str) -> bool:
+    """True when ``path`` exists and has size 0 (any lookup failure counts as False)."""
+    try:
+        info = await _call(fs, "info", path)
+    except _STORAGE_FAILURES:
+        return False
+    return info.get("type") == "file" and info.get("size") == 0
+
+
+async def write_bytes(
+    url: str,
+    data: bytes | bytearray | memoryview,
+    *,
+    content_type: str | None = None,
+    fs: AbstractFileSystem | None = None,
+    parameter: str | None = None,
+) -> None:
+    """Publish ``data`` at ``url`` atomically: readers see the old object or the new one.
+
+    Local files: a temp file in the same directory, fsync, ``os.replace`` (parents are
+    created; the temp file is removed on failure). Object stores: one ``pipe_file``
+    (a single PUT below s3fs's multipart threshold of 100 MB), with ``content_type``
+    stored as the S3 ContentType / GCS content type (other stores ignore it).
+    Failures raise :class:`StorageError`; ``http(s)`` URLs raise ``ValueError``
+    (upload to presigned URLs with :func:`guideflow.netguard.put_bytes`).
+    """
+    fs, path = _resolve(url, fs)
+    payload = bytes(data)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            await asyncio.to_thread(_atomic_local_write, Path(path), payload)
+        else:
+            kwargs = _content_type_kwargs(fs, content_type)
+            await _call(fs, "pipe_file", path, payload, **kwargs)
+    except _STORAGE_FAILURES as exc:
+        raise _storage_error(exc, url, "write", parameter) from exc
+
+
+def _atomic_local_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to a sibling temp file, fsync it, then rename it over ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    # 0o666 minus the umask, like open(): outputs must not end up private (mkstemp: 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _content_type_kwargs(fs: AbstractFileSystem, content_type: str | None) -> dict[str, str]:
+    """The ``pipe_file`` keyword that stores a content type on this kind of store, if any."""
+    if not content_type:
+        return {}
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & _S3_SCHEMES:
+        return {"ContentType": content_type}
+    if protocols & {"gs", "gcs"}:
+        return {"content_type": content_type}
+    return {}
+
+
+def _resolve(url: str, fs: AbstractFileSystem | None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and in-fs path for ``url``; refuses ``http(s)`` (SSRF: use netguard)."""
+    if urlsplit(url).scheme.lower() in _HTTP_SCHEMES:
+        raise ValueError(
+            f"{_redact(url)}: http(s) URLs must be fetched through guideflow.netguard, "
+            "not connectors.storage"
+        )
+    if fs is None:
+        return url_to_fs(url)
+    return fs, fs._strip_protocol(url)
+
+
+async def _call(fs: AbstractFileSystem, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``fs.<name>(...)``: awaited as ``fs._<name>`` when async, else in a worker thread."""
+    if getattr(fs, "asynchronous", False):
+        return await getattr(fs, f"_{name}")(*args, **kwargs)
+    return await asyncio.to_thread(getattr(fs, name), *args, **kwargs)
+
+
+def _storage_error(exc: Exception, url: str, verb: str, parameter: str | None) -> StorageError:
+    """Map an fsspec/OS/botocore/aiohttp error to a :class:`StorageError` with a stable code."""
+    where = _redact(url)
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(
+            f"cannot {verb} {where}: not found ({reason})",
+            parameter=parameter,
+            code="objectNotFound",
+            http_status=404,
+            retryable=False,
+        )
+    if isinstance(exc, PermissionError):
+        return StorageError(
+            f"cannot {verb} {where}: access denied ({reason})",
+            parameter=parameter,
+            code="objectForbidden",
+            http_status=403,
+            retryable=False,
+        )
+    return StorageError(f"cannot {verb} {where}: {reason}", parameter=parameter)
+
+
+def _redact(url: str) -> str:
+    """``url`` without query string, fragment or userinfo, safe for messages and logs."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

@@ -1,0 +1,342 @@
+"""The main job: a manifest in object storage → guide images in object storage + a cost ledger.
+
+manifest → shards → requests → service → upload → ledger:
+
+1. :func:`connectors.manifest.plan_shards` streams the manifest once and yields small
+   shard descriptors (manifest URL + row/byte range), never URI lists.
+2. Each shard is one Prefect task (:func:`tasks.shard.process_shard`); at most
+   ``max_shards_in_flight`` run at once, locally in threads or on a Dask cluster.
+3. A shard fans requests out to the backend, writes guide images to
+   ``<output>/<preprocessor>/<image_id>.<ext>`` (via presigned PUT for S3 and the
+   HTTP backend) and writes one ledger file.
+4. The flow keeps the budget, publishes progress/summary/contact-sheet artifacts and
+   ends in a state that says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from connectors.manifest import ManifestSpec, ShardSpec, plan_shards, read_shard
+from flows.report import publish_summary, write_contact_sheet
+from guideflow.errors import GuideflowError, InvalidParameter
+from guideflow.pricing import PriceTable
+from tasks.shard import ShardResult, done_index, forget_done_index, process_shard
+from tasks.work import RunConfig, expand_row
+
+#: Called with (shards finished, images done, cost so far) after every shard; the CLI
+#: registers its progress bar here (flow parameters must stay plain data).
+MAX_SAMPLES = 16
+PROGRESS_HOOKS: list[Callable[[ShardResult, RunSummary], None]] = []
+
+
+@dataclass
+class RunSummary:
+    """What a run did, returned by the flow and printed by the CLI."""
+
+    run_id: str
+    shards: int = 0
+    rows: int = 0
+    success: int = 0
+    errors: int = 0
+    skipped: int = 0
+    already_done: int = 0
+    not_started: int = 0
+    cost_usd: float = 0.0
+    cost_by_preprocessor: dict[str, float] = field(default_factory=dict)
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    budget_exhausted: bool = False
+    contact_sheet: str | None = None
+    elapsed_s: float = 0.0
+    samples: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, shard: ShardResult) -> None:
+        self.shards += 1
+        self.rows += shard.rows
+        self.success += shard.success
+        self.errors += shard.errors
+        self.skipped += shard.skipped
+        self.already_done += shard.already_done
+        self.not_started += shard.not_started
+        self.cost_usd += shard.cost_usd
+        self.budget_exhausted |= shard.budget_exhausted
+        for k, v in shard.cost_by_preprocessor.items():
+            self.cost_by_preprocessor[k] = self.cost_by_preprocessor.get(k, 0.0) + v
+        for k, n in shard.errors_by_code.items():
+            self.errors_by_code[k] = self.errors_by_code.get(k, 0) + n
+        self.samples.extend(shard.samples[: max(0, MAX_SAMPLES - len(self.samples))])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DryRunReport:
+    """``--dry-run``: the work a run would do and its estimated cost."""
+
+    rows: int = 0
+    shards: int = 0
+    work_items: int = 0
+    already_done: int = 0
+    invalid_rows: int = 0
+    to_do_by_preprocessor: dict[str, int] = field(default_factory=dict)
+    estimated_cost_usd: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_config(**params: Any) -> RunConfig:
+    """A :class:`RunConfig` from flat flow parameters (what deployments and the CLI pass)."""
+    manifest = ManifestSpec(
+        url=params.pop("manifest"),
+        format=params.pop("manifest_format", None),
+        image_column=params.pop("image_column", "image"),
+        id_column=params.pop("id_column", "id"),
+    )
+    return RunConfig(manifest=manifest, preprocessors=tuple(params.pop("preprocessors")), **params)
+
+
+def dry_run(config: RunConfig, prices: PriceTable | None = None) -> DryRunReport:
+    """Stream the manifest once and count what a run would do (no requests, no writes)."""
+    prices = prices or PriceTable.load()
+    report = DryRunReport()
+    index = None if config.force else done_index(config.ledger)
+    todo: Counter[str] = Counter()
+    for shard in plan_shards(config.manifest, config.shard_size):
+        report.shards += 1
+        keys = []
+        names = []
+        for row in read_shard(shard):
+            report.rows += 1
+            items, errors = expand_row(row, shard.index, config)
+            report.invalid_rows += bool(errors) and not items
+            report.work_items += len(items)
+            keys.extend(i.key for i in items)
+            names.extend(i.preprocessor for i in items)
+        done = index.contains(keys) if index is not None and keys else [False] * len(keys)
+        for name, is_done in zip(names, done, strict=True):
+            if is_done:
+                report.already_done += 1
+            else:
+                todo[name] += 1
+    report.to_do_by_preprocessor = dict(todo)
+    report.estimated_cost_usd = round(sum(prices.price(n) * c for n, c in todo.items()), 10)
+    return report
+
+
+async def _check_global_limit(name: str) -> None:
+    """Fail loudly if the named Prefect global concurrency limit does not exist.
+
+    (Prefect itself only logs a warning and then runs unlimited.)
+    """
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        try:
+            await client.read_global_concurrency_limit_by_name(name)
+        except Exception as exc:
+            raise InvalidParameter(
+                f"Prefect global concurrency limit {name!r} does not exist "
+                f"(create it with `prefect gcl create {name} --limit N`)",
+                parameter="global_concurrency_limit",
+            ) from exc
+
+
+def _shard_iter(config: RunConfig) -> Iterator[ShardSpec]:
+    return iter(plan_shards(config.manifest, config.shard_size))
+
+
+async def _next_shard(shards: Iterator[ShardSpec]) -> ShardSpec | None:
+    return await asyncio.to_thread(next, shards, None)
+
+
+async def run_shards(config: RunConfig, run_id: str, run_date: str) -> RunSummary:
+    """Schedule every shard with bounded concurrency and the budget; collect results."""
+    logger = get_run_logger()
+    prices = PriceTable.load()
+    summary = RunSummary(run_id=run_id)
+    max_price = max(prices.price(p) for p in config.preprocessors)
+    per_row = max_price * max(1, len(config.preprocessors))
+    reserved: dict[int, float] = {}
+    shards = _shard_iter(config)
+    in_flight: dict[asyncio.Task[ShardResult], int] = {}
+    stop = False
+
+    def remaining() -> float | None:
+        if config.max_cost is None:
+            return None
+        return config.max_cost - summary.cost_usd - sum(reserved.values())
+
+    while True:
+        while not stop and len(in_flight) < max(1, config.max_shards_in_flight):
+            shard = await _next_shard(shards)
+            if shard is None:
+                stop = True
+                break
+            allowance = None
+            left = remaining()
+            if left is not None:
+                if left <= 1e-12:
+                    summary.budget_exhausted = True
+                    stop = True
+                    break
+                allowance = min(left, per_row * (shard.row_stop - shard.row_start))
+                reserved[shard.index] = allowance
+            future = process_shard.submit(shard, config, run_id, allowance, run_date)
+            waiter = asyncio.ensure_future(asyncio.to_thread(future.result))
+            in_flight[waiter] = shard.index
+        if not in_flight:
+            break
+        finished, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in finished:
+            index = in_flight.pop(waiter)
+            reserved.pop(index, None)
+            result = waiter.result()
+            summary.add(result)
+            done_index(config.ledger).add(result.success_keys)
+            if result.budget_exhausted:
+                stop = True
+            for hook in PROGRESS_HOOKS:
+                hook(result, summary)
+            await _progress(summary, config, logger)
+    return summary
+
+
+_progress_ids: dict[str, Any] = {}
+
+
+async def _progress(summary: RunSummary, config: RunConfig, logger: Any) -> None:
+    from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+
+    logger.info(
+        "shard done: %d shards, %d ok, %d errors, $%.4f",
+        summary.shards,
+        summary.success,
+        summary.errors,
+        summary.cost_usd,
+    )
+    description = (
+        f"{summary.shards} shards, {summary.success} guide images, {summary.errors} errors, "
+        f"${summary.cost_usd:.4f}"
+    )
+    # Without a manifest row count (streamed, never counted up front) progress is shards
+    # done over shards scheduled so far, which only reaches 100 at the end.
+    progress = min(99.0, 100.0 * summary.shards / max(1, summary.shards + 1))
+    with contextlib.suppress(Exception):  # artifacts are best effort, never fail a run
+        artifact_id = _progress_ids.get(summary.run_id)
+        if artifact_id is None:
+            _progress_ids[summary.run_id] = await acreate_progress_artifact(
+                progress, description=description
+            )
+        else:
+            await aupdate_progress_artifact(artifact_id, progress, description=description)
+
+
+@flow(name="guideflow-preprocess", persist_result=False, log_prints=True)
+async def preprocess_manifest(
+    manifest: str,
+    preprocessors: list[str],
+    output: str,
+    ledger: str,
+    backend: str = "local",
+    endpoint: str | None = None,
+    concurrency: int = 16,
+    rate: float | None = None,
+    batch_size: int = 20,
+    shard_size: int = 1000,
+    max_shards_in_flight: int = 2,
+    output_format: str = "PNG",
+    settings: dict[str, dict[str, Any]] | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    force: bool = False,
+    dry_run_only: bool = False,
+    max_cost: float | None = None,
+    global_concurrency_limit: str | None = None,
+    image_column: str = "image",
+    id_column: str = "id",
+    api_key_env: str = "RUNWARE_API_KEY",
+) -> Any:
+    """Turn every image of ``manifest`` into guide images with each of ``preprocessors``.
+
+    Re-running the same manifest does no work and costs nothing (exactly once per
+    image id, preprocessor and settings); ``force`` redoes. ``max_cost`` (USD) stops
+    scheduling new work before the budget would be exceeded and ends the run in a
+    ``BudgetReached`` state.
+    """
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    started = time.monotonic()
+    config = build_config(
+        manifest=manifest,
+        preprocessors=preprocessors,
+        output=output,
+        ledger=ledger,
+        backend=backend,
+        endpoint=endpoint,
+        concurrency=concurrency,
+        rate=rate,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        max_shards_in_flight=max_shards_in_flight,
+        output_format=output_format,
+        settings=settings or {},
+        width=width,
+        height=height,
+        force=force,
+        max_cost=max_cost,
+        global_concurrency_limit=global_concurrency_limit,
+        image_column=image_column,
+        id_column=id_column,
+        api_key_env=api_key_env,
+        dry_run=dry_run_only,
+    )
+    run_id = str(flow_run.get_id() or uuid.uuid4())
+    forget_done_index(config.ledger)  # a fresh snapshot of the ledger for every run
+    if dry_run_only:
+        report = await asyncio.to_thread(dry_run, config)
+        logger.info("dry run: %s", report.to_dict())
+        return report
+    if config.global_concurrency_limit:
+        await _check_global_limit(config.global_concurrency_limit)
+    run_date = dt.datetime.now(dt.UTC).date().isoformat()
+    summary = await run_shards(config, run_id, run_date)
+    summary.elapsed_s = time.monotonic() - started
+    with contextlib.suppress(GuideflowError, OSError):
+        summary.contact_sheet = await write_contact_sheet(config, summary, run_id)
+    await publish_summary(config, summary)
+    if summary.budget_exhausted:
+        message = (
+            f"budget of ${config.max_cost:.4f} reached: spent ${summary.cost_usd:.4f}; "
+            f"{summary.success} guide images made, remaining work not scheduled"
+        )
+        logger.warning(message)
+        return Completed(name="BudgetReached", message=message, data=summary)
+    if summary.errors and not summary.success:
+        return Failed(message=f"every item failed: {summary.errors_by_code}", data=summary)
+    return summary
+
+
+def flow_for(config: RunConfig, dask_address: str | None = None) -> Any:
+    """The flow with the task runner this run needs (threads locally, or a Dask cluster)."""
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return preprocess_manifest.with_options(task_runner=DaskTaskRunner(address=dask_address))
+    return preprocess_manifest.with_options(
+        task_runner=ThreadPoolTaskRunner(max_workers=max(1, config.max_shards_in_flight))
+    )

@@ -1,0 +1,256 @@
+"""One Prefect task per shard: rows → work items → backend requests → one ledger file.
+
+A shard is the unit of orchestration (Prefect costs milliseconds and kilobytes per
+task run, so never one task per image) and the unit of durability: its ledger file
+is written once, atomically, when the shard is finished. A crash loses at most the
+shards in flight; the next run skips every (image id, preprocessor, settings hash)
+with a success row and redoes the rest.
+
+Inside a shard, requests fan out with asyncio under a concurrency cap, an optional
+rate limit, an optional Prefect global concurrency limit and the shard's share of
+the cost budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from connectors.ledger import DoneIndex, LedgerWriter
+from connectors.manifest import ShardSpec, read_shard
+from guideflow.pricing import PriceTable
+from guideflow.protocol import ErrorObject
+from tasks.backends import HttpBackend, LocalBackend, ServiceBackend
+from tasks.limits import Budget, RateLimiter
+from tasks.work import Outcome, RunConfig, WorkItem, expand_row
+
+
+@dataclass
+class ShardResult:
+    """What a finished shard reports back to the flow (small, picklable)."""
+
+    shard: int
+    rows: int = 0
+    success: int = 0
+    errors: int = 0
+    skipped: int = 0
+    already_done: int = 0
+    not_started: int = 0
+    cost_usd: float = 0.0
+    cost_by_preprocessor: dict[str, float] = field(default_factory=dict)
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    ledger_path: str | None = None
+    budget_exhausted: bool = False
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (input, output, name)
+    success_keys: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+# -- process-wide caches: one done-index per ledger, shared by shards in this process ---------
+
+_done_lock = threading.Lock()
+_done_cache: dict[str, DoneIndex] = {}
+
+
+def done_index(ledger: str) -> DoneIndex:
+    """The success keys already in ``ledger`` (loaded once per process, then extended)."""
+    with _done_lock:
+        index = _done_cache.get(ledger)
+        if index is None:
+            index = DoneIndex.load(ledger)
+            _done_cache[ledger] = index
+        return index
+
+
+def forget_done_index(ledger: str) -> None:
+    with _done_lock:
+        _done_cache.pop(ledger, None)
+
+
+def make_backend(config: RunConfig) -> ServiceBackend:
+    """The backend for ``config`` (an HTTP client is bound to the calling event loop)."""
+    if config.backend == "local":
+        return LocalBackend(config)
+    import os
+
+    from connectors.runware import RunwareClient
+
+    key = os.environ.get(config.api_key_env)
+    client = RunwareClient(
+        api_key=key,
+        base_url=config.endpoint or "https://api.runware.ai/v1",
+        batch_size=config.batch_size,
+        max_concurrency=config.concurrency,
+    )
+    return HttpBackend(config, client)
+
+
+def _chunks(items: Sequence[WorkItem], config: RunConfig) -> Iterator[list[WorkItem]]:
+    """Requests: one image per request locally; up to ``batch_size`` tasks per POST over HTTP.
+
+    Items of one image stay in one request so an uploaded input is reused.
+    """
+    group: list[WorkItem] = []
+    limit = 1 if config.backend == "local" else config.batch_size
+    for item in items:
+        same_image = bool(group) and group[-1].input_uri == item.input_uri
+        if group and not same_image and _images(group) >= limit:
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def _images(group: list[WorkItem]) -> int:
+    return len({i.input_uri for i in group}) if len(group) > 1 else 1
+
+
+@contextlib.asynccontextmanager
+async def _global_slot(name: str | None) -> AsyncIterator[None]:
+    if name is None:
+        yield
+        return
+    from prefect.concurrency.asyncio import concurrency
+
+    async with concurrency(name, occupy=1):
+        yield
+
+
+async def run_shard(
+    shard: ShardSpec,
+    config: RunConfig,
+    run_id: str,
+    *,
+    allowance: float | None = None,
+    backend: ServiceBackend | None = None,
+    done: DoneIndex | None = None,
+    prices: PriceTable | None = None,
+    run_date: str | None = None,
+) -> ShardResult:
+    """Process one shard and write its ledger file; see the module docstring.
+
+    ``run_date`` (YYYY-MM-DD, the run's start) keeps a shard retried after midnight
+    in the same ledger partition.
+    """
+    prices = prices or PriceTable.load()
+    result = ShardResult(shard=shard.index)
+    rows = await asyncio.to_thread(lambda: list(read_shard(shard)))
+    result.rows = len(rows)
+
+    items: list[WorkItem] = []
+    outcomes: list[Outcome] = []
+    seen: set[tuple[str, str, str]] = set()
+    for row in rows:
+        row_items, row_errors = expand_row(row, shard.index, config)
+        outcomes.extend(row_errors)
+        for item in row_items:
+            if item.key in seen:  # the same work twice in the manifest: do it once
+                outcomes.append(
+                    Outcome(
+                        status="skipped",
+                        item=item,
+                        attempts=0,
+                        error=ErrorObject(
+                            code="duplicateRow",
+                            message=f"row {item.row} repeats work already in this shard",
+                        ),
+                    )
+                )
+                continue
+            seen.add(item.key)
+            items.append(item)
+
+    if not config.force:
+        index = done if done is not None else done_index(config.ledger)
+        already = index.contains([i.key for i in items])
+        result.already_done = int(sum(bool(x) for x in already))
+        items = [i for i, skip in zip(items, already, strict=True) if not skip]
+
+    budget = Budget(allowance)
+    limiter = RateLimiter(config.rate)
+    semaphore = asyncio.Semaphore(max(1, config.concurrency))
+    own_backend = backend is None
+    backend = backend or make_backend(config)
+
+    async def send(chunk: list[WorkItem]) -> list[Outcome]:
+        async with semaphore:
+            price = sum(prices.price(i.preprocessor) for i in chunk)
+            if not budget.try_reserve(price):
+                return []
+            await limiter.acquire(len(chunk))
+            async with _global_slot(config.global_concurrency_limit):
+                done_chunk = await backend.run(chunk)
+            budget.settle(price, sum(o.cost_usd for o in done_chunk if o.status == "success"))
+            return done_chunk
+
+    processed = 0
+    try:
+        chunks = list(_chunks(items, config))
+        for group in await asyncio.gather(*(send(c) for c in chunks)):
+            processed += len(group)
+            outcomes.extend(group)
+    finally:
+        if own_backend:
+            await backend.aclose()
+
+    result.not_started = len(items) - processed
+    result.budget_exhausted = budget.exhausted
+    _tally(result, outcomes, config)
+    if outcomes:
+        rows_out = [o.to_ledger_row(run_id, shard.index, backend.name) for o in outcomes]
+        result.ledger_path = await asyncio.to_thread(
+            LedgerWriter(config.ledger).write_shard, run_id, shard.index, rows_out, run_date
+        )
+    return result
+
+
+def _tally(result: ShardResult, outcomes: list[Outcome], config: RunConfig) -> None:
+    codes: Counter[str] = Counter()
+    cost: Counter[str] = Counter()
+    for o in outcomes:
+        if o.status == "success":
+            assert o.item is not None
+            result.success += 1
+            result.cost_usd += o.cost_usd
+            cost[o.item.preprocessor] += o.cost_usd
+            result.success_keys.append(o.item.key)
+            if len(result.samples) < config.contact_sheet_samples:
+                result.samples.append((o.item.input_uri, o.item.output_uri, o.item.preprocessor))
+        elif o.status == "error":
+            result.errors += 1
+            codes[o.error.code if o.error else "unknown"] += 1
+        else:
+            result.skipped += 1
+    result.errors_by_code = dict(codes)
+    result.cost_by_preprocessor = dict(cost)
+
+
+@task(
+    name="guideflow-shard",
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_jitter_factor=0.5,
+    persist_result=False,
+    cache_policy=NO_CACHE,
+)
+async def process_shard(
+    shard: ShardSpec,
+    config: RunConfig,
+    run_id: str,
+    allowance: float | None = None,
+    run_date: str | None = None,
+) -> ShardResult:
+    """Prefect task: one shard, retried as a whole (with backoff and jitter) on failure.
+
+    Per-request retries live in the client; a shard only fails as a whole when
+    storage is down (manifest or ledger unreachable), and then Prefect retries it.
+    """
+    return await run_shard(shard, config, run_id, allowance=allowance, run_date=run_date)
