@@ -35,7 +35,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -227,10 +227,12 @@ def _utc(value: Any) -> Any:
 
 def rows_to_table(rows: Iterable[LedgerRow]) -> pa.Table:
     """:class:`LedgerRow` objects as a table of :data:`LEDGER_SCHEMA` (validated, not scrubbed)."""
-    columns: dict[str, list[Any]] = {name: [] for name in _ROW_FIELDS}
-    for row in rows:
-        for name, value in asdict(row).items():
-            columns[name].append(_utc(value))
+    # getattr, not dataclasses.asdict: every field is a scalar, and asdict's deep copy of
+    # each value (datetimes included) was three quarters of the cost of writing a shard.
+    rows = list(rows)
+    columns: dict[str, list[Any]] = {
+        name: [_utc(getattr(row, name)) for row in rows] for name in _ROW_FIELDS
+    }
     table = pa.Table.from_pydict(columns, schema=LEDGER_SCHEMA)
     _check_statuses(table)
     return table
@@ -515,6 +517,10 @@ class DoneIndex:
     def __init__(self, hashes: np.ndarray | None = None, spent: float = 0.0) -> None:
         values = np.asarray(hashes if hashes is not None else [], dtype=np.uint64)
         self._hashes = _sorted_unique(values)
+        # Keys added since the last merge (sorted, unique, none of them in _hashes): a run
+        # adds one shard's successes at a time, and re-sorting all 8 bytes × N of _hashes
+        # for every shard made a long run quadratic (~30 ms a shard at 1M keys).
+        self._pending = np.empty(0, dtype=np.uint64)
         self._spent = float(spent)
 
     @classmethod
@@ -543,12 +549,12 @@ class DoneIndex:
         return cls(hashes, spent)
 
     def __len__(self) -> int:
-        return int(self._hashes.size)
+        return int(self._hashes.size + self._pending.size)
 
     @property
     def nbytes(self) -> int:
         """Memory held by the keys."""
-        return int(self._hashes.nbytes)
+        return int(self._hashes.nbytes + self._pending.nbytes)
 
     def already_spent(self) -> float:
         """Total ``cost_usd`` of every success in the ledger when it was loaded (budgets)."""
@@ -562,18 +568,40 @@ class DoneIndex:
         of :func:`key_hashes`.
         """
         hashes = _keys_to_hashes(keys)
-        if self._hashes.size == 0 or hashes.size == 0:
-            return np.zeros(hashes.shape, dtype=bool)
-        pos = np.searchsorted(self._hashes, hashes)
-        pos = np.minimum(pos, self._hashes.size - 1)
-        return self._hashes[pos] == hashes
+        found = _members(self._hashes, hashes)
+        if self._pending.size:
+            found |= _members(self._pending, hashes)
+        return found
 
     def __contains__(self, key: tuple[str, str, str]) -> bool:
         return bool(self.contains([key])[0])
 
     def add(self, keys: Any) -> None:
-        """Mark more keys done (e.g. after a shard of this run is written)."""
-        self._hashes = _sorted_unique(np.concatenate([self._hashes, _keys_to_hashes(keys)]))
+        """Mark more keys done (e.g. after a shard of this run is written).
+
+        New keys go to a small sorted side array, merged into the main one once it holds
+        :data:`PENDING_MERGE` keys, so adding a shard costs O(shard + pending), not O(N).
+        """
+        new = _keys_to_hashes(keys)
+        new = new[~_members(self._hashes, new)]
+        pending = _sorted_unique(np.concatenate([self._pending, new]))
+        if pending.size >= PENDING_MERGE:
+            self._hashes = _sorted_unique(np.concatenate([self._hashes, pending]))
+            pending = np.empty(0, dtype=np.uint64)
+        self._pending = pending
+
+
+#: Keys :meth:`DoneIndex.add` collects before merging them into the main sorted array.
+PENDING_MERGE = 1 << 16
+
+
+def _members(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Which of ``hashes`` are in the sorted array ``sorted_hashes`` (vectorised)."""
+    if sorted_hashes.size == 0 or hashes.size == 0:
+        return np.zeros(hashes.shape, dtype=bool)
+    pos = np.searchsorted(sorted_hashes, hashes)
+    pos = np.minimum(pos, sorted_hashes.size - 1)
+    return sorted_hashes[pos] == hashes
 
 
 def _sorted_unique(values: np.ndarray) -> np.ndarray:

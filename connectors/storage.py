@@ -30,11 +30,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import hashlib
+import hmac
+import logging
 import os
 import re
 import string
+import time
 import uuid
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
@@ -42,6 +50,7 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 import fsspec.core
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from guideflow.errors import GuideflowError, ImageTooLarge
 
@@ -74,6 +83,8 @@ _HTTP_SCHEMES = frozenset({"http", "https"})
 # Characters kept verbatim in a key segment: AWS's "safe" object-key characters.
 _KEY_SAFE = "-_.!*'()"
 _EXT_RE = re.compile(r"^[A-Za-z0-9]{1,16}$")
+# What quote(value, safe=_KEY_SAFE) leaves as it is.
+_SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_.~!*'()-]+")
 
 
 def _storage_failures() -> tuple[type[BaseException], ...]:
@@ -112,6 +123,9 @@ class StorageError(GuideflowError):
 
 def is_s3(url: str) -> bool:
     """True for ``s3://`` (and Hadoop-style ``s3a://``) URLs."""
+    scheme, colon, _ = url.partition(":")
+    if colon and scheme.isalnum() and scheme.isascii():  # the usual case, without urlsplit
+        return scheme.lower() in _S3_SCHEMES
     return urlsplit(url).scheme.lower() in _S3_SCHEMES
 
 
@@ -171,16 +185,23 @@ def output_key(
         "ext": ext,
         **{name: _key_segment(str(value), name) for name, value in fields.items()},
     }
-    used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    unknown = sorted(used - values.keys())
+    unknown = sorted(_template_fields(template) - values.keys())
     if unknown:
         raise ValueError(f"output template {template!r} uses unknown fields {unknown}")
     key = template.format(**values)
     return key.lstrip("/") if not values["prefix"] else key
 
 
+@functools.lru_cache(maxsize=32)
+def _template_fields(template: str) -> frozenset[str]:
+    """The placeholder names in an output template (parsed once per template)."""
+    return frozenset(name for _, name, _, _ in string.Formatter().parse(template) if name)
+
+
 def _key_segment(value: str, what: str) -> str:
     """Escape ``value`` as ONE key segment (``/`` is encoded too)."""
+    if _SAFE_SEGMENT.fullmatch(value) and value not in (".", ".."):
+        return value  # nothing to escape (the usual id): skip quote()
     if value in ("", ".", ".."):
         if not value:
             raise ValueError(f"{what} must not be empty in an output key")
@@ -241,12 +262,34 @@ async def _presign(
     if fs is None:
         # fsspec's cached sync-mode s3fs: building a fresh aiobotocore client per URL
         # costs 0.3-1 s (service-model parsing); the cached one presigns in ~1 ms.
-        fs, path = url_to_fs(url)
-    else:
-        path = fs._strip_protocol(url)
+        fs = _default_s3_fs()
+    path = fs._strip_protocol(url)
+    fast = _fast_presign(fs, path, method, expires, params)
+    if fast is not None:
+        return fast
     if getattr(fs, "asynchronous", False):
-        return await _presign_async(fs, path, method, expires, params)
-    return await asyncio.to_thread(_presign_sync, fs, path, method, expires, params)
+        signed = await _presign_async(fs, path, method, expires, params)
+        await _learn_template(fs, fs._s3, path, method, params, signed)
+        return signed
+    return await asyncio.to_thread(_presign_sync_and_learn, fs, path, method, expires, params)
+
+
+_default_fs: dict[tuple[Any, ...], AbstractFileSystem] = {}
+
+
+def _default_s3_fs() -> AbstractFileSystem:
+    """The s3fs that :func:`url_to_fs` returns for plain ``s3://bucket/key`` URLs, memoised.
+
+    fsspec would return the same cached instance, but finding it (URL parsing, option
+    tokenising) costs more than signing a URL on the fast path; the memo is keyed by the
+    environment variables that choose the endpoint, and by the process id as fsspec's
+    cache is.
+    """
+    key = (os.getpid(), *(os.environ.get(name) for name in S3_ENDPOINT_ENV))
+    fs = _default_fs.get(key)
+    if fs is None:
+        fs = _default_fs[key] = url_to_fs("s3://")[0]
+    return fs
 
 
 def _check_presign_args(url: str, expires: int) -> None:
@@ -288,6 +331,225 @@ def _require_sigv4(signed: str) -> str:
             "makes one. This one produced a non-SigV4 URL."
         )
     return signed
+
+
+# -- fast SigV4 presigning -------------------------------------------------------------------
+#
+# botocore's generate_presigned_url costs 1-2 ms a URL (endpoint-ruleset resolution, event
+# hooks, request serialisation) plus, for sync-mode s3fs, two thread hops; at two URLs per
+# task (input GET, output PUT) that alone capped the HTTP pipeline at a few hundred tasks/s.
+# SigV4 query signing itself is one SHA-256 and one HMAC per URL with a per-day signing key.
+# So from one URL that botocore signed, each (filesystem, bucket, operation, parameter names)
+# learns a template: the URL before the key, the credential scope, the secret and token.
+# The template is used only after it has re-derived that very URL byte for byte (so any way
+# in which this botocore builds URLs differently, such as addressing style, extra signed
+# headers or query parameters, leaves botocore in charge), only for keys made of unreserved
+# characters (no encoding question), and only for _TEMPLATE_TTL_S seconds (refreshed
+# credentials are picked up by the next botocore-signed URL).
+
+_TEMPLATE_TTL_S = 60.0
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9._~-]+(?:/[A-Za-z0-9._~-]+)*")
+_HTTP_METHODS = {"put_object": "PUT", "get_object": "GET"}
+_QUERY_SAFE = "-_.~"
+
+
+@dataclass(frozen=True)
+class _SigV4Template:
+    """What signing one more key of a bucket needs (see the comment above)."""
+
+    base: str  # scheme://netloc/path-prefix: the URL right before the key
+    host: str  # the canonical Host header value
+    path_prefix: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    token: str | None = field(repr=False)
+    region: str
+    valid_until: float
+
+    def sign(
+        self, key: str, method: str, expires: int, content_type: str | None, amz_date: str
+    ) -> str:
+        """The presigned URL, exactly as botocore's S3SigV4QueryAuth writes it."""
+        day = amz_date[:8]
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        signed_headers = "content-type;host" if content_type is not None else "host"
+        query, canonical_query = _query_strings(
+            self.access_key, scope, amz_date, expires, signed_headers, self.token
+        )
+        headers = f"content-type:{content_type}\n" if content_type is not None else ""
+        canonical = "\n".join(
+            (
+                method,
+                self.path_prefix + key,
+                canonical_query,
+                f"{headers}host:{self.host}\n",
+                signed_headers,
+                "UNSIGNED-PAYLOAD",
+            )
+        )
+        to_sign = "\n".join(
+            ("AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest())
+        )
+        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        return f"{self.base}{key}?{query}&X-Amz-Signature={signature}"
+
+    def _signing_key(self, day: str) -> bytes:
+        return _signing_key(self.secret_key, day, self.region)
+
+
+@functools.lru_cache(maxsize=256)
+def _query_strings(
+    access_key: str,
+    scope: str,
+    amz_date: str,
+    expires: int,
+    signed_headers: str,
+    token: str | None,
+) -> tuple[str, str]:
+    """The auth query string (botocore's order) and its canonical (sorted) form.
+
+    Cached: within one second every URL of a bucket shares them.
+    """
+    params = [
+        ("X-Amz-Algorithm", "AWS4-HMAC-SHA256"),
+        ("X-Amz-Credential", f"{access_key}/{scope}"),
+        ("X-Amz-Date", amz_date),
+        ("X-Amz-Expires", str(expires)),
+        ("X-Amz-SignedHeaders", signed_headers),
+    ]
+    if token is not None:
+        params.append(("X-Amz-Security-Token", token))
+    encoded = [(quote(k, safe=_QUERY_SAFE), quote(v, safe=_QUERY_SAFE)) for k, v in params]
+    return (
+        "&".join(f"{k}={v}" for k, v in encoded),
+        "&".join(f"{k}={v}" for k, v in sorted(encoded)),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _amz_date(epoch_s: int) -> str:
+    """``X-Amz-Date`` for a whole second (botocore's clock also has 1 s resolution)."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+@functools.lru_cache(maxsize=64)
+def _signing_key(secret_key: str, day: str, region: str) -> bytes:
+    key = ("AWS4" + secret_key).encode()
+    for part in (day, region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+_templates: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _SigV4Template]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _template_key(path: str, method: str, params: dict[str, str]) -> tuple[Any, ...] | None:
+    """(bucket, operation, parameter names) when ``path`` has a plain key, else None."""
+    bucket, _, key = path.partition("/")
+    if (
+        method not in _HTTP_METHODS
+        or not _PLAIN_KEY.fullmatch(key)
+        or set(params) - {"ContentType"}
+    ):
+        return None
+    if any(seg in (".", "..") for seg in key.split("/")):
+        return None
+    return (bucket, method, tuple(sorted(params)))
+
+
+def _fast_presign(
+    fs: AbstractFileSystem, path: str, method: str, expires: int, params: dict[str, str]
+) -> str | None:
+    """The presigned URL from a learned, still valid template, or None (botocore signs)."""
+    cache_key = _template_key(path, method, params)
+    if cache_key is None:
+        return None
+    try:
+        template = _templates.get(fs, {}).get(cache_key)
+    except TypeError:  # a filesystem that cannot be weakly referenced or hashed
+        return None
+    if template is None or time.monotonic() > template.valid_until:
+        return None
+    amz_date = _amz_date(int(time.time()))
+    key = path.partition("/")[2]
+    return template.sign(key, _HTTP_METHODS[method], expires, params.get("ContentType"), amz_date)
+
+
+def _presign_sync_and_learn(
+    fs: Any, path: str, method: str, expires: int, params: dict[str, str]
+) -> str:
+    """Sign with botocore (sync-mode s3fs, in a worker thread), then learn a template."""
+    from fsspec.asyn import sync
+
+    signed = _presign_sync(fs, path, method, expires, params)
+    with contextlib.suppress(Exception):
+        sync(fs.loop, _learn_template, fs, fs.s3, path, method, params, signed)
+    return signed
+
+
+async def _learn_template(
+    fs: Any, client: Any, path: str, method: str, params: dict[str, str], signed: str
+) -> None:
+    """Remember a template for ``path``'s bucket if it reproduces ``signed`` exactly.
+
+    Never raises: any surprise (private botocore attributes moved, another URL shape)
+    only means botocore keeps signing.
+    """
+    cache_key = _template_key(path, method, params)
+    if cache_key is None:
+        return
+    try:
+        template = await _template_from(client, path, signed)
+        if template is None:
+            return
+        amz_date = dict(parse_qsl(urlsplit(signed).query))["X-Amz-Date"]
+        again = template.sign(
+            path.partition("/")[2],
+            _HTTP_METHODS[method],
+            int(dict(parse_qsl(urlsplit(signed).query))["X-Amz-Expires"]),
+            params.get("ContentType"),
+            amz_date,
+        )
+        if again == signed:
+            _templates.setdefault(fs, {})[cache_key] = template
+    except Exception:
+        return
+
+
+async def _template_from(client: Any, path: str, signed: str) -> _SigV4Template | None:
+    """A template built from a botocore-signed URL and the client's current credentials."""
+    key = path.partition("/")[2]
+    parts = urlsplit(signed)
+    if parts.fragment or not parts.path.endswith("/" + key):
+        return None
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    access_key, _, scope = query.get("X-Amz-Credential", "").partition("/")
+    _day, region, service, terminator = ([*scope.split("/"), "", "", ""])[:4]
+    if service != "s3" or terminator != "aws4_request" or not region:
+        return None
+    credentials = client._request_signer._credentials
+    frozen = credentials.get_frozen_credentials()
+    if hasattr(frozen, "__await__"):
+        frozen = await frozen
+    if frozen.access_key != access_key or frozen.token != query.get("X-Amz-Security-Token"):
+        return None
+    path_prefix = parts.path[: len(parts.path) - len(key)]
+    netloc = parts.netloc.rpartition("@")[2]
+    host = f"[{parts.hostname}]" if netloc.startswith("[") else (parts.hostname or "")
+    if parts.port is not None and parts.port != {"http": 80, "https": 443}.get(parts.scheme):
+        host = f"{host}:{parts.port}"  # botocore's Host: lowercase, default port dropped
+    return _SigV4Template(
+        base=f"{parts.scheme}://{netloc}{path_prefix}",
+        host=host,
+        path_prefix=path_prefix,
+        access_key=access_key,
+        secret_key=frozen.secret_key,
+        token=frozen.token,
+        region=region,
+        valid_until=time.monotonic() + _TEMPLATE_TTL_S,
+    )
 
 
 async def aclose(fs: AbstractFileSystem) -> None:
@@ -412,14 +674,51 @@ def _resolve(url: str, fs: AbstractFileSystem | None) -> tuple[AbstractFileSyste
             "not connectors.storage"
         )
     if fs is None:
-        return url_to_fs(url)
+        return _plain_resolve(url) or url_to_fs(url)
+    return fs, fs._strip_protocol(url)
+
+
+_PLAIN_PROTOCOLS = frozenset({"memory", "file", "local"})
+_plain_fs: dict[tuple[int, str], AbstractFileSystem] = {}
+
+
+def _plain_resolve(url: str) -> tuple[AbstractFileSystem, str] | None:
+    """``memory://`` and ``file://`` URLs and plain paths, without fsspec's URL parsing.
+
+    These filesystems take no options from the URL or the environment, so the result is
+    what :func:`url_to_fs` returns (the same cached instance, the same path), for a
+    fraction of its cost (it parses chains and tokenises options on every call: ~50 µs,
+    paid per input and per output). Anything else (chained ``a::b`` URLs, other
+    protocols, ``data:``) returns None.
+    """
+    if "::" in url:
+        return None
+    head, sep, _ = url.partition("://")
+    if sep:
+        if head not in _PLAIN_PROTOCOLS:
+            return None
+        protocol = head
+    elif url.startswith("data:"):
+        return None
+    else:
+        protocol = "file"
+    key = (os.getpid(), protocol)
+    fs = _plain_fs.get(key)
+    if fs is None:
+        fs = _plain_fs[key] = fsspec.filesystem(protocol)
     return fs, fs._strip_protocol(url)
 
 
 async def _call(fs: AbstractFileSystem, name: str, *args: Any, **kwargs: Any) -> Any:
-    """``fs.<name>(...)``: awaited as ``fs._<name>`` when async, else in a worker thread."""
+    """``fs.<name>(...)``: awaited as ``fs._<name>`` when async, else in a worker thread.
+
+    fsspec's in-process ``memory://`` filesystem is called directly: its operations are
+    dictionary lookups, and a thread hop per object cost more than the operation.
+    """
     if getattr(fs, "asynchronous", False):
         return await getattr(fs, f"_{name}")(*args, **kwargs)
+    if type(fs) is MemoryFileSystem:
+        return getattr(fs, name)(*args, **kwargs)
     return await asyncio.to_thread(getattr(fs, name), *args, **kwargs)
 
 
@@ -451,3 +750,35 @@ def _redact(url: str) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+# -- log hygiene -------------------------------------------------------------------------------
+
+
+class _RedactSignatures(logging.Filter):
+    """Blank request signatures in botocore's DEBUG records (found by tests/test_security.py).
+
+    At DEBUG, botocore logs the signature of everything it signs, presigned URLs included
+    (``botocore.auth``: "Signature:\\n<hex>", right after the canonical request that holds
+    the rest of the URL), and every request it sends with its ``Authorization`` header
+    (``botocore.endpoint``). A presigned URL is a bearer capability handed to other machines,
+    so its signature must not reach logs. Records are kept, signatures become ``***``.
+    Filters only run for records that are emitted: no cost unless botocore logs at DEBUG.
+    """
+
+    _SIGNATURE = re.compile(r"(?i)(signature(?:=|:\s*))[0-9a-f]{16,}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a broken format string: leave it to the handler
+            return True
+        clean = self._SIGNATURE.sub(r"\1***", text)
+        if clean != text:
+            record.msg, record.args = clean, ()
+        return True
+
+
+_SIGNATURE_FILTER = _RedactSignatures()
+for _name in ("botocore.auth", "botocore.endpoint"):
+    logging.getLogger(_name).addFilter(_SIGNATURE_FILTER)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,11 +30,12 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from connectors.ledger import DoneIndex
 from connectors.manifest import ManifestSpec, ShardSpec, plan_shards, read_shard
 from flows.report import publish_summary, write_contact_sheet
 from guideflow.errors import GuideflowError, InvalidParameter
 from guideflow.pricing import PriceTable
-from tasks.shard import ShardResult, done_index, forget_done_index, process_shard
+from tasks.shard import ShardResult, forget_done_index, process_shard
 from tasks.work import RunConfig, expand_row
 
 #: Called with (shards finished, images done, cost so far) after every shard; the CLI
@@ -113,7 +115,9 @@ def dry_run(config: RunConfig, prices: PriceTable | None = None) -> DryRunReport
     """Stream the manifest once and count what a run would do (no requests, no writes)."""
     prices = prices or PriceTable.load()
     report = DryRunReport()
-    index = None if config.force else done_index(config.ledger)
+    # A fresh snapshot, never the process cache: a long-lived process must not estimate
+    # from the ledger as it was when some earlier run started.
+    index = None if config.force else DoneIndex.load(config.ledger)
     todo: Counter[str] = Counter()
     for shard in plan_shards(config.manifest, config.shard_size):
         report.shards += 1
@@ -135,6 +139,22 @@ def dry_run(config: RunConfig, prices: PriceTable | None = None) -> DryRunReport
     report.to_do_by_preprocessor = dict(todo)
     report.estimated_cost_usd = round(sum(prices.price(n) * c for n, c in todo.items()), 10)
     return report
+
+
+def _check_api_key(config: RunConfig) -> None:
+    """Fail the run before any shard starts when the http backend has no API key.
+
+    (Otherwise every shard would fail building its client and be retried in vain.) A
+    *wrong* key is only known to the service: every row then gets ``invalidApiKey``.
+    """
+    if config.backend != "http" or config.api_key_secret_block:
+        return
+    if not os.environ.get(config.api_key_env, "").strip():
+        raise InvalidParameter(
+            f"the http backend needs an API key: set the environment variable "
+            f"{config.api_key_env} (named by api_key_env)",
+            parameter="api_key_env",
+        )
 
 
 async def _check_global_limit(name: str) -> None:
@@ -195,8 +215,7 @@ async def run_shards(config: RunConfig, run_id: str, run_date: str) -> RunSummar
                     break
                 allowance = min(left, per_row * (shard.row_stop - shard.row_start))
                 reserved[shard.index] = allowance
-            future = process_shard.submit(shard, config, run_id, allowance, run_date)
-            waiter = asyncio.ensure_future(asyncio.to_thread(future.result))
+            waiter = asyncio.ensure_future(_start_shard(shard, config, run_id, allowance, run_date))
             in_flight[waiter] = shard.index
         if not in_flight:
             break
@@ -205,8 +224,7 @@ async def run_shards(config: RunConfig, run_id: str, run_date: str) -> RunSummar
             index = in_flight.pop(waiter)
             reserved.pop(index, None)
             result = waiter.result()
-            summary.add(result)
-            done_index(config.ledger).add(result.success_keys)
+            summary.add(result)  # (the shard added its successes to this process's done index)
             if result.budget_exhausted:
                 stop = True
             for hook in PROGRESS_HOOKS:
@@ -215,26 +233,53 @@ async def run_shards(config: RunConfig, run_id: str, run_date: str) -> RunSummar
     return summary
 
 
+def _start_shard(
+    shard: ShardSpec, config: RunConfig, run_id: str, allowance: float | None, run_date: str
+) -> Awaitable[ShardResult]:
+    """One shard task run: on this event loop for the HTTP backend run locally, else submitted.
+
+    Prefect's thread-pool task runner runs every task run in a fresh thread and event
+    loop, where Prefect builds two new API clients, each creating an SSL context (parsing
+    certifi's CA bundle): ~120 ms of CPU per shard (measured with bench/pipeline.py),
+    more than an HTTP shard's own work when the service answers fast. Called directly,
+    the task run (same retries, states and UI entry) shares the flow's client: ~6 ms.
+    An HTTP shard is async I/O, so running it on the flow's loop loses no parallelism
+    (one GIL either way). The local backend keeps a thread per shard (its per-image
+    work dwarfs the task-run cost), and other task runners (Dask) get the task submitted.
+    """
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    local = context is None or isinstance(context.task_runner, ThreadPoolTaskRunner)
+    if local and config.backend == "http":
+        return process_shard(shard, config, run_id, allowance, run_date)
+    future = process_shard.submit(shard, config, run_id, allowance, run_date)
+    return asyncio.to_thread(future.result)
+
+
 _progress_ids: dict[str, Any] = {}
 
 
-async def _progress(summary: RunSummary, config: RunConfig, logger: Any) -> None:
+async def _progress(
+    summary: RunSummary, config: RunConfig, logger: Any, *, final: bool = False
+) -> None:
     from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 
-    logger.info(
-        "shard done: %d shards, %d ok, %d errors, $%.4f",
-        summary.shards,
-        summary.success,
-        summary.errors,
-        summary.cost_usd,
-    )
+    if not final:
+        logger.info(
+            "shard done: %d shards, %d ok, %d errors, $%.4f",
+            summary.shards,
+            summary.success,
+            summary.errors,
+            summary.cost_usd,
+        )
     description = (
         f"{summary.shards} shards, {summary.success} guide images, {summary.errors} errors, "
         f"${summary.cost_usd:.4f}"
     )
     # Without a manifest row count (streamed, never counted up front) progress is shards
-    # done over shards scheduled so far, which only reaches 100 at the end.
-    progress = min(99.0, 100.0 * summary.shards / max(1, summary.shards + 1))
+    # done over shards scheduled so far, which only reaches 100 when the run is over.
+    progress = 100.0 if final else min(99.0, 100.0 * summary.shards / max(1, summary.shards + 1))
     with contextlib.suppress(Exception):  # artifacts are best effort, never fail a run
         artifact_id = _progress_ids.get(summary.run_id)
         if artifact_id is None:
@@ -243,6 +288,8 @@ async def _progress(summary: RunSummary, config: RunConfig, logger: Any) -> None
             )
         else:
             await aupdate_progress_artifact(artifact_id, progress, description=description)
+    if final:
+        _progress_ids.pop(summary.run_id, None)
 
 
 @flow(name="guideflow-preprocess", persist_result=False, log_prints=True)
@@ -269,13 +316,18 @@ async def preprocess_manifest(
     image_column: str = "image",
     id_column: str = "id",
     api_key_env: str = "RUNWARE_API_KEY",
+    api_key_secret_block: str | None = None,
+    request_timeout_s: float = 60.0,
+    max_retries: int = 5,
+    retry_backoff_s: float = 0.5,
 ) -> Any:
     """Turn every image of ``manifest`` into guide images with each of ``preprocessors``.
 
     Re-running the same manifest does no work and costs nothing (exactly once per
     image id, preprocessor and settings); ``force`` redoes. ``max_cost`` (USD) stops
     scheduling new work before the budget would be exceeded and ends the run in a
-    ``BudgetReached`` state.
+    ``BudgetReached`` state. ``request_timeout_s``, ``max_retries`` and ``retry_backoff_s``
+    tune the HTTP backend's client (per-POST timeout, retries, first backoff).
     """
     from prefect.runtime import flow_run
 
@@ -303,6 +355,10 @@ async def preprocess_manifest(
         image_column=image_column,
         id_column=id_column,
         api_key_env=api_key_env,
+        api_key_secret_block=api_key_secret_block,
+        request_timeout_s=request_timeout_s,
+        max_retries=max_retries,
+        retry_backoff_s=retry_backoff_s,
         dry_run=dry_run_only,
     )
     run_id = str(flow_run.get_id() or uuid.uuid4())
@@ -311,10 +367,12 @@ async def preprocess_manifest(
         report = await asyncio.to_thread(dry_run, config)
         logger.info("dry run: %s", report.to_dict())
         return report
+    _check_api_key(config)
     if config.global_concurrency_limit:
         await _check_global_limit(config.global_concurrency_limit)
     run_date = dt.datetime.now(dt.UTC).date().isoformat()
     summary = await run_shards(config, run_id, run_date)
+    await _progress(summary, config, logger, final=True)
     summary.elapsed_s = time.monotonic() - started
     with contextlib.suppress(GuideflowError, OSError):
         summary.contact_sheet = await write_contact_sheet(config, summary, run_id)

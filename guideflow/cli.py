@@ -193,6 +193,26 @@ def serve(
     ] = None,
     max_body_mb: Annotated[int, typer.Option(help="Request body limit in MiB.")] = 64,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    fault_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="TEST ONLY: share of POST /v1 requests answered with an injected fault "
+            "(429, 5xx, delay, dropped connection, truncated JSON, failed upload). Off by "
+            "default.",
+            rich_help_panel="Testing",
+        ),
+    ] = None,
+    faults: Annotated[
+        str | None,
+        typer.Option(
+            "--faults",
+            help='TEST ONLY: fault injection settings as JSON, e.g. \'{"rate": 0.2, "seed": 1, '
+            '"weights": {"429": 2, "drop": 1}, "retry_after": 1, "delay_s": 35}\' '
+            "(see engine/server/faults.py); --fault-rate overrides its rate. Counters at "
+            "GET /faults/stats.",
+            rich_help_panel="Testing",
+        ),
+    ] = None,
 ) -> None:
     """Run the Runware-compatible HTTP server (POST /v1) on HOST:PORT under uvicorn."""
     import logging
@@ -206,6 +226,11 @@ def serve(
     if not keys and not no_auth:
         err.print(f"[red]no API keys: set {api_key_env} (comma-separated) or pass --no-auth[/red]")
         raise typer.Exit(2)
+    try:
+        fault_config = _fault_config(fault_rate, faults)
+    except ValueError as exc:
+        err.print(f"[red]invalid fault injection settings: {exc}[/red]")
+        raise typer.Exit(2) from None
     env_policy = NetPolicy.from_env()
     config = ServerConfig(
         api_keys=keys,
@@ -217,6 +242,7 @@ def serve(
         storage_dir=storage_dir,
         max_body_bytes=max_body_mb * 1024 * 1024,
         net_policy=NetPolicy(allow=(*env_policy.allow, *(allow_net or []))),
+        faults=fault_config,
     )
     try:
         application = create_app(config)
@@ -230,7 +256,27 @@ def serve(
         err.print(
             "[yellow]warning: --no-auth: the server accepts requests without an API key[/yellow]"
         )
+    if fault_config is not None:
+        err.print(
+            f"[yellow]warning: FAULT INJECTION ON (test only): {fault_config.rate:.0%} of "
+            "POST /v1 requests get a fault[/yellow]"
+        )
     uvicorn.run(application, host=host, port=port, log_level=log_level.lower())
+
+
+def _fault_config(rate: float | None, raw: str | None) -> Any:
+    """``--fault-rate`` / ``--faults`` as a FaultConfig, or None when neither was given."""
+    from dataclasses import replace
+
+    from engine.server.faults import FaultConfig
+
+    if rate is None and raw is None:
+        return None
+    config = FaultConfig.from_json(raw) if raw is not None else FaultConfig()
+    if rate is not None:
+        config = replace(config, rate=rate)
+    config.validate()
+    return config
 
 
 @models_app.command("list")
@@ -388,6 +434,12 @@ def run(
         str | None, typer.Option(help="Prefect global concurrency limit name.")
     ] = None,
     image_column: Annotated[str, typer.Option(help="Manifest column with the URI.")] = "image",
+    api_key_env: Annotated[
+        str, typer.Option(help="Env var holding the API key (http backend).")
+    ] = "RUNWARE_API_KEY",
+    api_key_secret: Annotated[
+        str | None, typer.Option(help="Prefect Secret block holding the API key instead.")
+    ] = None,
 ) -> None:
     """Turn every image of MANIFEST into guide images and log each one's cost to the ledger.
 
@@ -419,6 +471,8 @@ def run(
             dask_address=dask_address,
             global_concurrency_limit=global_limit,
             image_column=image_column,
+            api_key_env=api_key_env,
+            api_key_secret_block=api_key_secret,
             console=out,
             err_console=err,
         )

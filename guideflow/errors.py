@@ -47,13 +47,21 @@ class GuideflowError(Exception):
     def to_error_object(
         self, *, task_type: str | None = None, task_uuid: str | None = None
     ) -> dict[str, Any]:
-        """The Runware error object: code, message, parameter, taskType, taskUUID, documentation."""
+        """The Runware error object: code, message, parameter, taskType, taskUUID, documentation.
+
+        A transient failure (an upload endpoint that answered 503, a source URL that
+        timed out) also carries ``"retryable": true`` so clients may resend the task;
+        Runware's own objects have no such field, and clients that do not know it
+        simply ignore it.
+        """
         obj: dict[str, Any] = {
             "code": self.code,
             "message": self.message,
             "parameter": self.parameter,
             "documentation": DOCS_URL,
         }
+        if self.retryable:
+            obj["retryable"] = True
         if task_type is not None:
             obj["taskType"] = task_type
         if task_uuid is not None:

@@ -20,6 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -31,7 +32,7 @@ from engine.api import Engine
 from guideflow import netguard
 from guideflow.errors import GuideflowError
 from guideflow.pricing import PriceTable
-from guideflow.protocol import ErrorObject, PreprocessResult, PreprocessTask
+from guideflow.protocol import ErrorObject, PreprocessResult, PreprocessTask, new_task_uuid
 from tasks.work import Outcome, RunConfig, WorkItem
 
 #: Presigned upload URLs and guide images kept by the service live this long (s).
@@ -189,6 +190,12 @@ class HttpBackend:
             if isinstance(ref, GuideflowError):
                 outcomes[index] = Outcome.failed(item, ref, started=started)
                 continue
+            # A fresh taskUUID per task sent (the ledger records it): Runware wants each
+            # task's UUID unique, and guideflow serve answers a known taskUUID carrying a
+            # different payload (new presigned URLs, a new upload UUID: every re-run, forced
+            # run or shard retry) with conflictTaskUUID. The client's own retries re-send
+            # the same task object, so a lost response is still replayed, not redone.
+            item = replace(item, task_uuid=new_task_uuid())
             try:
                 tasks.append(await self._task(item, ref))
             except GuideflowError as exc:
@@ -201,19 +208,23 @@ class HttpBackend:
             results = [exc] * len(tasks)
         finished_items = iter(zip(sendable, results, strict=True))
         out: list[Outcome] = []
-        for index, item in enumerate(items):
+        for index in range(len(items)):
             if index in outcomes:
                 out.append(outcomes[index])
                 continue
-            _, result = next(finished_items)
-            out.append(await self._outcome(item, result, started))
+            sent, result = next(finished_items)
+            out.append(await self._outcome(sent, result, started))
         return out
 
     async def _image_ref(self, uri: str, uses: int, refs: dict[str, str | GuideflowError]) -> None:
-        """How the service will get the input: presigned GET, or bytes; uploaded once if reused."""
+        """How the service gets the input: presigned GET, the URL itself, or bytes; uploaded
+        once if reused. http(s) URLs go as they are: the service fetches them (under its
+        own SSRF policy), and connectors.storage refuses them."""
         try:
             if storage.is_s3(uri):
                 ref = await storage.presign_get(uri, expires=self.config.presign_expiry_s)
+            elif urlsplit(uri).scheme.lower() in ("http", "https"):
+                ref = uri
             else:
                 data = await storage.read_bytes(uri, max_bytes=imageio.DEFAULT_LIMITS.max_bytes)
                 ref = _as_data_uri(data)

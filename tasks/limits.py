@@ -10,11 +10,21 @@ from __future__ import annotations
 import asyncio
 import time
 
+#: Token amounts this close count as equal (float residue must not cause another wait).
+_EPSILON = 1e-9
+
 
 class RateLimiter:
-    """A token bucket: at most ``rate`` permits per second, bursts up to ``burst``."""
+    """A token bucket: at most ``rate`` permits per second, bursts up to ``burst``.
+
+    A request for more permits than the bucket holds (an HTTP batch larger than the
+    burst) goes as soon as the bucket is not in debt and leaves a debt that later
+    requests wait off, so the long-run rate stays exactly ``rate``.
+    """
 
     def __init__(self, rate: float | None, burst: float | None = None) -> None:
+        if rate is not None and not rate > 0:
+            raise ValueError(f"rate must be > 0 permits per second (or None), got {rate!r}")
         self.rate = rate
         self.capacity = burst if burst is not None else max(1.0, rate or 1.0)
         self._tokens = self.capacity
@@ -30,10 +40,13 @@ class RateLimiter:
                 now = time.monotonic()
                 self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
                 self._last = now
-                if self._tokens >= permits or (permits > self.capacity and self._tokens >= 0):
+                # What must be in the bucket: the permits, or for an oversized request an
+                # empty bucket (waiting for more would be capped at capacity and lost).
+                needed = permits if permits <= self.capacity else 0.0
+                if self._tokens >= needed - _EPSILON:
                     self._tokens -= permits
                     return
-                await asyncio.sleep((permits - self._tokens) / self.rate)
+                await asyncio.sleep((needed - self._tokens) / self.rate)
 
 
 class Budget:

@@ -53,20 +53,27 @@ class ShardResult:
     success_keys: list[tuple[str, str, str]] = field(default_factory=list)
 
 
-# -- process-wide caches: one done-index per ledger, shared by shards in this process ---------
+# -- process-wide state: one done-index per ledger, shared by shards in this process ----------
 
 _done_lock = threading.Lock()
-_done_cache: dict[str, DoneIndex] = {}
+_done_cache: dict[str, tuple[str | None, DoneIndex]] = {}
+#: (ledger, run id) → work key → index of the shard of this process now producing it.
+_claims: dict[tuple[str, str], dict[tuple[str, str, str], int]] = {}
 
 
-def done_index(ledger: str) -> DoneIndex:
-    """The success keys already in ``ledger`` (loaded once per process, then extended)."""
+def done_index(ledger: str, run_id: str | None = None) -> DoneIndex:
+    """The success keys already in ``ledger``: loaded once per run per process, then extended.
+
+    The first shard of a new ``run_id`` reloads it, so a long-lived worker process (a Dask
+    worker serving run after run) sees what earlier runs wrote; ``run_id=None`` takes
+    whatever is cached.
+    """
     with _done_lock:
-        index = _done_cache.get(ledger)
-        if index is None:
-            index = DoneIndex.load(ledger)
-            _done_cache[ledger] = index
-        return index
+        cached = _done_cache.get(ledger)
+        if cached is None or (run_id is not None and cached[0] != run_id):
+            cached = (run_id, DoneIndex.load(ledger))
+            _done_cache[ledger] = cached
+        return cached[1]
 
 
 def forget_done_index(ledger: str) -> None:
@@ -74,21 +81,75 @@ def forget_done_index(ledger: str) -> None:
         _done_cache.pop(ledger, None)
 
 
-def make_backend(config: RunConfig) -> ServiceBackend:
-    """The backend for ``config`` (an HTTP client is bound to the calling event loop)."""
+def _claim(
+    ledger: str, run_id: str, shard: int, items: list[WorkItem], index: DoneIndex | None
+) -> tuple[list[WorkItem], int, list[WorkItem]]:
+    """Split ``items`` into (to do, how many already done, being done by another shard).
+
+    Looking up the done index and claiming keys happen under one lock, and a shard adds
+    its successes to the index before it releases its claims (:func:`_release`), so two
+    shards of a run in this process never produce the same key (a manifest listing the
+    same image id in two shards in flight at once). Claims live only while their shard
+    runs: memory stays bounded by the shards in flight.
+    """
+    keys = [i.key for i in items]
+    with _done_lock:
+        done = index.contains(keys) if index is not None else [False] * len(keys)
+        claims = _claims.setdefault((ledger, run_id), {})
+        todo: list[WorkItem] = []
+        taken: list[WorkItem] = []
+        for item, is_done in zip(items, done, strict=True):
+            if is_done:
+                continue
+            if claims.setdefault(item.key, shard) == shard:
+                todo.append(item)
+            else:
+                taken.append(item)
+        return todo, int(sum(bool(x) for x in done)), taken
+
+
+def _release(
+    ledger: str,
+    run_id: str,
+    shard: int,
+    index: DoneIndex | None,
+    succeeded: list[tuple[str, str, str]],
+) -> None:
+    """Mark ``succeeded`` done (once its ledger file is written), then drop the shard's claims."""
+    with _done_lock:
+        if index is not None and succeeded:
+            index.add(succeeded)
+        claims = _claims.get((ledger, run_id), {})
+        for key in [k for k, owner in claims.items() if owner == shard]:
+            del claims[key]
+        if not claims:
+            _claims.pop((ledger, run_id), None)
+
+
+async def make_backend(config: RunConfig) -> ServiceBackend:
+    """The backend for ``config`` (an HTTP client is bound to the calling event loop).
+
+    The API key comes from the Prefect Secret block ``api_key_secret_block`` when one
+    is named, else from the environment variable ``api_key_env``.
+    """
     if config.backend == "local":
         return LocalBackend(config)
     import os
 
     from connectors.runware import RunwareClient
 
-    key = os.environ.get(config.api_key_env)
-    client = RunwareClient(
-        api_key=key,
-        base_url=config.endpoint or "https://api.runware.ai/v1",
-        batch_size=config.batch_size,
-        max_concurrency=config.concurrency,
-    )
+    options = {
+        "base_url": config.endpoint or "https://api.runware.ai/v1",
+        "batch_size": config.batch_size,
+        "max_concurrency": config.concurrency,
+        "timeout": config.request_timeout_s,
+        "max_retries": config.max_retries,
+        "backoff_base": config.retry_backoff_s,
+    }
+    if config.api_key_secret_block:
+        client = await RunwareClient.from_prefect_secret(config.api_key_secret_block, **options)
+    else:
+        client = RunwareClient(api_key=os.environ.get(config.api_key_env), **options)
     return HttpBackend(config, client)
 
 
@@ -168,17 +229,52 @@ async def run_shard(
             seen.add(item.key)
             items.append(item)
 
+    index = None
     if not config.force:
-        index = done if done is not None else done_index(config.ledger)
-        already = index.contains([i.key for i in items])
-        result.already_done = int(sum(bool(x) for x in already))
-        items = [i for i, skip in zip(items, already, strict=True) if not skip]
+        index = done if done is not None else done_index(config.ledger, run_id)
+    items, result.already_done, taken = _claim(config.ledger, run_id, shard.index, items, index)
+    outcomes.extend(
+        Outcome(
+            status="skipped",
+            item=item,
+            attempts=0,
+            error=ErrorObject(
+                code="duplicateRow",
+                message=f"row {item.row} repeats work another shard of this run is doing",
+            ),
+        )
+        for item in taken
+    )
+    written = False
+    try:
+        result = await _produce(
+            shard, config, run_id, result, items, outcomes, allowance, backend, prices, run_date
+        )
+        written = True
+    finally:
+        succeeded = result.success_keys if written else []
+        _release(config.ledger, run_id, shard.index, index, succeeded)
+    return result
 
+
+async def _produce(
+    shard: ShardSpec,
+    config: RunConfig,
+    run_id: str,
+    result: ShardResult,
+    items: list[WorkItem],
+    outcomes: list[Outcome],
+    allowance: float | None,
+    backend: ServiceBackend | None,
+    prices: PriceTable,
+    run_date: str | None,
+) -> ShardResult:
+    """Send ``items`` under the shard's limits and budget, then write the shard's ledger file."""
     budget = Budget(allowance)
     limiter = RateLimiter(config.rate)
     semaphore = asyncio.Semaphore(max(1, config.concurrency))
     own_backend = backend is None
-    backend = backend or make_backend(config)
+    backend = backend or await make_backend(config)
 
     async def send(chunk: list[WorkItem]) -> list[Outcome]:
         async with semaphore:

@@ -33,7 +33,10 @@ class RunConfig:
 
     ``concurrency`` is the number of requests in flight per process (a request is
     one image for the local backend, one POST of up to ``batch_size`` tasks for the
-    HTTP backend); ``rate`` caps tasks per second.
+    HTTP backend); ``rate`` caps tasks per second. HTTP backend only:
+    ``request_timeout_s`` bounds each POST, which is retried up to ``max_retries``
+    times with full-jitter backoff starting at ``retry_backoff_s`` (and at least the
+    server's ``Retry-After``); see :class:`connectors.runware.RunwareClient`.
     """
 
     manifest: ManifestSpec
@@ -59,6 +62,9 @@ class RunConfig:
     dry_run: bool = False
     max_cost: float | None = None
     presign_expiry_s: int = 3600
+    request_timeout_s: float = 60.0
+    max_retries: int = 5
+    retry_backoff_s: float = 0.5
     global_concurrency_limit: str | None = None
     contact_sheet_samples: int = 8
 
@@ -69,6 +75,15 @@ class RunConfig:
         object.__setattr__(self, "preprocessors", names)
         object.__setattr__(self, "output_format", imageio.normalize_format(self.output_format))
         imageio.validate_quality(self.output_quality)
+        if self.rate is not None and not self.rate > 0:
+            raise InvalidParameter(
+                f"rate must be > 0 tasks per second, got {self.rate}", parameter="rate"
+            )
+        if not self.request_timeout_s > 0 or self.max_retries < 0 or self.retry_backoff_s < 0:
+            raise InvalidParameter(
+                "request_timeout_s must be > 0, max_retries and retry_backoff_s >= 0",
+                parameter="request_timeout_s",
+            )
         if self.backend == "http" and not self.endpoint:
             raise InvalidParameter("the http backend needs --endpoint URL", parameter="endpoint")
         for p in self.settings:
@@ -201,18 +216,7 @@ def make_item(row: ManifestRow, raw_name: str, shard: int, config: RunConfig) ->
     width = row_settings.pop("width", config.width)
     height = row_settings.pop("height", config.height)
     settings = {**dict(config.settings.get(name, {})), **row_settings}
-    proc = registry.get(name)
-    proc.validate(settings)  # raises invalidParameter naming the setting
-    width = imageio.validate_dimension(width, "width")
-    height = imageio.validate_dimension(height, "height")
-    visible = {
-        **settings,
-        "width": width,
-        "height": height,
-        "outputFormat": config.output_format,
-        "outputQuality": config.output_quality,
-    }
-    digest = settings_hash(name, visible)
+    width, height, digest = _checked(name, settings, width, height, config)
     assert row.image is not None
     return WorkItem(
         shard=shard,
@@ -235,6 +239,58 @@ def make_item(row: ManifestRow, raw_name: str, shard: int, config: RunConfig) ->
             ext=imageio.file_extension(config.output_format),
         ),
     )
+
+
+_checked_cache: dict[tuple[Any, ...], tuple[int | None, int | None, str]] = {}
+_CHECKED_CACHE_MAX = 4096
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _checked(
+    name: str, settings: dict[str, Any], width: Any, height: Any, config: RunConfig
+) -> tuple[int | None, int | None, str]:
+    """Validate the settings and dimensions and hash the user-visible request.
+
+    Raises ``invalidParameter`` naming the setting. Memoised: most manifests ask the same
+    of every row, and validating plus hashing (canonical JSON, SHA-256) was the largest
+    per-row cost of planning work. The key holds every value *with its type* (``1``,
+    ``1.0`` and ``True`` are equal in Python but not as settings) and the registered
+    preprocessor object (so re-registering a name invalidates it); only scalar values are
+    keyed (lists, dicts, tuples are checked every time). Only successes are remembered.
+    """
+    proc = registry.get(name)
+    key: tuple[Any, ...] | None = None
+    if all(type(v) in _SCALARS for v in (width, height, *settings.values())):
+        key = (
+            id(proc),
+            name,
+            tuple((k, type(v), v) for k, v in settings.items()),
+            type(width),
+            width,
+            type(height),
+            height,
+            config.output_format,
+            config.output_quality,
+        )
+        hit = _checked_cache.get(key)
+        if hit is not None:
+            return hit
+    proc.validate(settings)  # raises invalidParameter naming the setting
+    checked_width = imageio.validate_dimension(width, "width")
+    checked_height = imageio.validate_dimension(height, "height")
+    visible = {
+        **settings,
+        "width": checked_width,
+        "height": checked_height,
+        "outputFormat": config.output_format,
+        "outputQuality": config.output_quality,
+    }
+    result = (checked_width, checked_height, settings_hash(name, visible))
+    if key is not None:
+        if len(_checked_cache) >= _CHECKED_CACHE_MAX:
+            _checked_cache.clear()
+        _checked_cache[key] = result
+    return result
 
 
 def _row_error(row: ManifestRow, exc: GuideflowError, preprocessor: str | None) -> Outcome:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.s3"]
+pytest_plugins = ["tests.s3", "tests.prefect_harness"]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GUIDEFLOW_SHARED", REPO.parent / "shared"))

@@ -738,14 +738,12 @@ async def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @pytest.fixture(scope="module")
-def prefect_secret_block() -> Iterator[str]:
-    """A real Prefect Secret block on an ephemeral Prefect server (one per module: slow)."""
+def prefect_secret_block(prefect_harness: None) -> Iterator[str]:
+    """A real Prefect Secret block on the session's ephemeral Prefect server."""
     from prefect.blocks.system import Secret
-    from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
-        Secret(value="block-key-7").save("runware-test-key", overwrite=True)
-        yield "runware-test-key"
+    Secret(value="block-key-7").save("runware-test-key", overwrite=True)
+    yield "runware-test-key"
 
 
 async def test_api_key_from_prefect_secret_block(prefect_secret_block: str) -> None:

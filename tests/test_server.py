@@ -599,6 +599,151 @@ def test_store_caps_total_bytes_oldest_first(tmp_path: Path) -> None:
     assert not store.root.exists()
 
 
+def test_store_write_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deferred put is live at once (served from memory), on disk after the writer ran,
+    and leaves no file when deleted or evicted before its write, or when the write fails."""
+    store = ImageStore(tmp_path / "a", max_bytes=200, clock=FakeClock())
+    first = store.put(b"1" * 10, "png", ttl=60, kind="input", defer=True)
+    gate = threading.Event()
+    assert store._writer is not None
+    store._writer.submit(gate.wait, 30)  # hold the writer: what follows stays pending
+    a = store.put(b"a" * 100, "png", ttl=60, kind="input", defer=True)
+    b = store.put(b"b" * 100, "png", ttl=60, kind="guide", defer=True)  # evicts `first`
+    assert store.lookup(first.uuid) is None
+    found = store.read(a.uuid, touch=True)
+    assert found is not None and found[1] == b"a" * 100
+    assert not store.path_of(a).exists()  # not written yet, but usable
+    store.delete(b.uuid)
+    assert store.read(b.uuid) is None
+    gate.set()
+    store.flush()
+    assert store.path_of(a).read_bytes() == b"a" * 100
+    assert sorted(p.name for p in store.root.iterdir()) == [a.filename]  # no .part left
+    assert store.total_bytes == 100
+    store.close()
+    assert not store.root.exists()
+
+    failing = ImageStore(tmp_path / "b", max_bytes=200, clock=FakeClock())
+
+    def fail(self: Path, data: bytes) -> int:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", fail)
+    d = failing.put(b"d" * 10, "png", ttl=60, kind="input", defer=True)
+    failing.flush()
+    assert failing.lookup(d.uuid) is None  # dropped, as if evicted
+    assert failing.total_bytes == 0 and list(failing.root.iterdir()) == []
+    failing.close()
+
+
+def test_inline_answers_are_reusable_at_once(base: str) -> None:
+    """Inputs and base64Data guides are stored behind the answer, yet usable right away."""
+    item = post(base, [canny_task(outputType="base64Data", outputFormat="PNG")]).json()["data"][0]
+    guide = base64.b64decode(item["guideImageBase64Data"])
+    assert httpx.get(f"{base}/image/{item['guideImageUUID']}.png").content == guide
+    assert httpx.get(f"{base}/image/{item['inputImageUUID']}.png").content == ROOM
+    r = post(
+        base, [canny_task(image=item["guideImageUUID"]), canny_task(image=item["inputImageUUID"])]
+    )
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside a (nested) record value: dict keys and values, list items."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_job_records_keep_no_inline_image_yet_replays_are_identical(
+    server_factory: Callable[..., str], receiver: Receiver
+) -> None:
+    """base64Data/dataURI results are answered in full (first answer, idempotent replay,
+    getResponse, webhook), while the job records hold only the guide's UUID."""
+    engine = GatedEngine()
+    engine.gate.set()
+    app = create_app(test_config(engine=engine))
+    base = server_factory(app=app)
+    tasks = [canny_task(outputType="base64Data", outputFormat="PNG") for _ in range(3)]
+    tasks += [canny_task(outputType="dataURI", outputFormat="WEBP")]
+    tasks += [canny_task(outputType="base64Data", webhookURL=f"{receiver.url}/hook")]
+    first = post(base, tasks).json()["data"]
+    assert len(first) == len(tasks)
+    async_task = canny_task(outputType="dataURI", deliveryMethod="async")
+    assert post(base, [async_task]).json()["data"][0]["status"] == "processing"
+    async_item = poll(base, async_task["taskUUID"])["data"][0]
+    assert async_item["guideImageDataURI"].startswith("data:image/jpeg;base64,")
+    assert engine.calls == len(tasks) + 1
+
+    records = app.state.dispatcher.jobs.records()
+    assert len(records) == len(tasks) + 1
+    for job in records:
+        assert job.status == "success" and job.inline is not None
+        assert job.inline.image_uuid == job.result["guideImageUUID"]
+        texts = list(_strings([job.result, job.webhook, job.inline.prefix, job.fingerprint]))
+        assert max(len(t) for t in texts) <= 64  # UUIDs, field names, hashes: no image data
+    for item in [*first, async_item]:
+        inline = item.get("guideImageBase64Data") or item["guideImageDataURI"]
+        assert all(inline[-200:] not in t for job in records for t in _strings(job.result))
+
+    # the answers are rebuilt from the stored guide, byte for byte, without recomputing
+    replay = post(base, tasks).json()["data"]
+    assert replay == first
+    for task, item in zip([*tasks, async_task], [*first, async_item], strict=True):
+        polled = post(base, [{"taskType": "getResponse", "taskUUID": task["taskUUID"]}])
+        polled_item = {k: v for k, v in polled.json()["data"][0].items() if k != "webhook"}
+        assert polled_item == {**item, "status": "success"}
+    assert engine.calls == len(tasks) + 1
+    stored = httpx.get(f"{base}/image/{first[0]['guideImageUUID']}.png").content
+    assert base64.b64decode(first[0]["guideImageBase64Data"]) == stored
+    (hook,) = receiver.wait_for(1)
+    assert json.loads(hook.body) == {**first[-1], "status": "success"}
+
+
+def test_inline_result_whose_guide_was_evicted(server_factory: Callable[..., str]) -> None:
+    """Once the stored guide is gone (a 1-byte store cap keeps only the newest image), an
+    inline result cannot be rebuilt: a replay is a 410 ``guideImageExpired``, getResponse a
+    per-task error item, and nothing is recomputed. URL results still replay."""
+    engine = GatedEngine()
+    engine.gate.set()
+    app = create_app(test_config(engine=engine, storage_max_bytes=1))
+    base = server_factory(app=app)
+    gone, url_task = canny_task(outputType="base64Data"), canny_task()
+    assert post(base, [gone]).status_code == 200
+    assert post(base, [url_task]).status_code == 200  # its input and guide evict `gone`'s
+    latest = canny_task(outputType="dataURI")
+    latest_item = post(base, [latest]).json()["data"][0]
+    assert engine.calls == 3
+
+    r = post(base, [gone])
+    assert r.status_code == 410
+    (err,) = r.json()["errors"]
+    assert (err["code"], err["taskUUID"], err["parameter"]) == (
+        "guideImageExpired",
+        gone["taskUUID"],
+        "taskUUID",
+    )
+    r = post(base, [{"taskType": "getResponse", "taskUUID": gone["taskUUID"]}])
+    assert r.status_code == 200
+    (item,) = r.json()["data"]
+    assert item["status"] == "error" and item["error"]["code"] == "guideImageExpired"
+    assert "guideImageBase64Data" not in item
+    assert r.json()["errors"][0]["code"] == "guideImageExpired"
+    # in a mixed batch the expired task fails alone; the newest guide is still stored
+    r = post(base, [gone, latest])
+    assert r.status_code == 200
+    assert r.json()["data"] == [latest_item]
+    assert [e["taskUUID"] for e in r.json()["errors"]] == [gone["taskUUID"]]
+    assert post(base, [url_task]).status_code == 200  # a URL record needs no stored bytes
+    assert engine.calls == 3  # never recomputed
+
+
 # -- webhooks and uploads ----------------------------------------------------------------------
 
 

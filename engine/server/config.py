@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engine.api import Engine
 from engine.imageio import DEFAULT_LIMITS, ImageLimits
+from engine.server.faults import FaultConfig
 from guideflow.netguard import NetPolicy
 from guideflow.pricing import PriceTable
 
@@ -41,7 +42,11 @@ class ServerConfig:
     guide image URL, ``upload_ttl`` the lifetime of an uploaded (or inline) input
     image, refreshed each time it is used. Stored bytes never exceed
     ``storage_max_bytes``: the oldest images are evicted first. ``storage_dir``
-    ``None`` means a private temporary directory removed at shutdown.
+    ``None`` means a private temporary directory removed at shutdown. Task records
+    live ``job_ttl`` after finishing, at most ``max_jobs`` of them; they hold no image
+    data (~1.7 KB each, so the default 100,000 is about 170 MB; see :mod:`.jobs`).
+    ``faults`` turns on fault injection (TEST ONLY, see :mod:`engine.server.faults`);
+    ``None``, the default, leaves the server untouched.
     """
 
     api_keys: tuple[str, ...] = ()
@@ -66,6 +71,7 @@ class ServerConfig:
     prices: PriceTable = field(default_factory=PriceTable.load)
     engine: Engine | None = None
     clock: Callable[[], float] = time.time
+    faults: FaultConfig | None = None
 
     @property
     def capacity(self) -> int:
@@ -100,3 +106,5 @@ class ServerConfig:
             raise ValueError("sweep_interval and fetch_timeout must be > 0, webhook_backoff >= 0")
         if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
             raise ValueError(f"public_url must be an http(s) URL, got {self.public_url!r}")
+        if self.faults is not None:
+            self.faults.validate()

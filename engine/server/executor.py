@@ -20,9 +20,10 @@ from engine import imageio
 from engine.api import Engine, GuideImage, PreparedRequest
 from engine.server.config import ServerConfig
 from engine.server.storage import ImageKind, ImageStore, StoredImage, extension_of
-from guideflow.errors import GuideflowError, InvalidImage, InvalidParameter
+from guideflow.errors import GuideflowError, InvalidImage
 from guideflow.netguard import (
     RefusedURL,
+    UnsupportedURLScheme,
     UploadFailed,
     WebhookFailed,
     fetch_bytes,
@@ -92,8 +93,10 @@ class Runner:
                 parameter=parameter,
             )
         if kind == "url" and not ref.strip().lower().startswith(("http://", "https://")):
-            raise InvalidParameter(
-                "image URLs must use http or https", parameter=parameter, code="invalidImageURL"
+            # the same code netguard (redirect hops) and the pipeline's local backend use
+            raise UnsupportedURLScheme(
+                f"{redact_url(ref.strip())}: image URLs must use http or https",
+                parameter=parameter,
             )
 
     def check_upload_ref(self, ref: str) -> None:
@@ -139,12 +142,19 @@ class Runner:
             return imageio.decode_base64_image(src.ref, parameter=parameter), None
         return src.data, None
 
-    def _store_input(self, data: bytes, kind: ImageKind = "input") -> StoredImage:
+    def _store_input(
+        self, data: bytes, kind: ImageKind = "input", *, defer: bool = False
+    ) -> StoredImage:
         """Keep an input image addressable by UUID (``upload_ttl`` after its last use)."""
         fmt = imageio.sniff_format(data)
         assert fmt is not None  # it decoded, so it sniffed
         return self.store.put(
-            data, extension_of(fmt), ttl=self.config.upload_ttl, kind=kind, refresh=True
+            data,
+            extension_of(fmt),
+            ttl=self.config.upload_ttl,
+            kind=kind,
+            refresh=True,
+            defer=defer,
         )
 
     # -- controlNetPreprocess -----------------------------------------------------------
@@ -184,9 +194,14 @@ class Runner:
         except GuideflowError as exc:
             raise renamed(exc, parameter) from None
         if input_uuid is None:
-            input_uuid = self._store_input(data).uuid
+            # written behind: the answer does not wait for the file (usable by UUID at once)
+            input_uuid = self._store_input(data, defer=True).uuid
         ttl = task.ttl if task.ttl is not None else self.config.ttl
-        entry = self.store.put(guide.data, guide.extension, ttl=ttl, kind="guide")
+        # a guide answered by URL is on disk before the URL is handed out; one answered
+        # inline is kept for reuse by UUID and written behind like the input
+        entry = self.store.put(
+            guide.data, guide.extension, ttl=ttl, kind="guide", defer=task.outputType != "URL"
+        )
         inline: str | None = None
         if task.outputType == "base64Data":
             inline = imageio.encode_base64(guide.data)

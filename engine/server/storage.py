@@ -8,6 +8,11 @@ process and is wiped when the store opens. Two bounds keep storage finite:
   :meth:`ImageStore.sweep` (run periodically) and on access;
 * the total size is capped; adding an image evicts the oldest ones first.
 
+``put(..., defer=True)`` writes behind: the entry is live at once (its bytes are
+served from memory) and the file is written by the store's own thread, off the
+caller's critical path. The server uses it for images nobody fetches by URL right
+away (inline inputs, guides answered inline), saving the request a file write.
+
 All methods are thread-safe and do blocking file I/O: call them from a thread
 (``asyncio.to_thread``) when on the event loop, except :meth:`ImageStore.lookup`,
 which only reads the index.
@@ -15,15 +20,19 @@ which only reads the index.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+log = logging.getLogger("guideflow.server")
 
 ImageKind = Literal["upload", "input", "guide"]
 
@@ -93,6 +102,9 @@ class ImageStore:
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, StoredImage] = OrderedDict()  # oldest first
         self.total_bytes = 0
+        self._pending: dict[str, bytes] = {}  # deferred puts not yet on disk, by uuid
+        self._writer: ThreadPoolExecutor | None = None  # started by the first deferred put
+        self._closed = False
 
     # -- writing ------------------------------------------------------------------------
 
@@ -105,11 +117,14 @@ class ImageStore:
         kind: ImageKind,
         image_uuid: str | None = None,
         refresh: bool = False,
+        defer: bool = False,
     ) -> StoredImage:
         """Store ``data``; evict the oldest images first if the byte cap would be exceeded.
 
         An image larger than the whole cap is still stored (after evicting
         everything else) so that a single request never fails for that reason.
+        With ``defer`` the file is written behind (see the module docstring); if that
+        write fails the image is dropped (logged), as if evicted.
         """
         ident = image_uuid or str(uuid.uuid4())
         now = self.clock()
@@ -122,17 +137,59 @@ class ImageStore:
             expires=now + ttl,
             refresh_ttl=ttl if refresh else None,
         )
-        path = self.root / entry.filename
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        if not defer:
+            path = self.root / entry.filename
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(data)
+            tmp.replace(path)
         with self._lock:
             self._drop_locked(ident)
             self._entries[ident] = entry
             self.total_bytes += entry.size
             victims = self._evict_locked(keep=ident)
+            if defer:
+                self._pending[ident] = data
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(1, thread_name_prefix="guideflow-store")
+                self._writer.submit(self._write_behind, entry)
         self._unlink(victims)
         return entry
+
+    def _write_behind(self, entry: StoredImage) -> None:
+        """Write a deferred image's file; it goes live on disk only if still current."""
+        with self._lock:
+            data = self._pending.get(entry.uuid)
+            if data is None or self._closed or self._entries.get(entry.uuid) is not entry:
+                return  # deleted, evicted or replaced before its turn
+        path = self.root / entry.filename
+        tmp = path.with_name(f"{entry.filename}.{uuid.uuid4().hex}.part")  # unique per write
+        failure: OSError | None = None
+        try:
+            tmp.write_bytes(data)
+        except OSError as exc:
+            failure = exc
+        with self._lock:  # rename and un-pend atomically w.r.t. read/delete/evict
+            current = self._entries.get(entry.uuid) is entry and not self._closed
+            if current and failure is None:
+                try:
+                    tmp.replace(path)
+                except OSError as exc:
+                    failure = exc
+            if current:
+                self._pending.pop(entry.uuid, None)
+                if failure is not None:
+                    self._drop_locked(entry.uuid)
+        if failure is not None or not current:
+            tmp.unlink(missing_ok=True)
+        if failure is not None and current:
+            log.warning("could not store image %s (dropped): %s", entry.filename, failure)
+
+    def flush(self) -> None:
+        """Wait until every deferred image written so far is on disk (or dropped)."""
+        with self._lock:
+            writer = self._writer
+        if writer is not None:
+            writer.submit(lambda: None).result()
 
     # -- reading ------------------------------------------------------------------------
 
@@ -153,10 +210,13 @@ class ImageStore:
         entry = self.lookup(image_uuid)
         if entry is None:
             return None
-        try:
-            data = (self.root / entry.filename).read_bytes()
-        except FileNotFoundError:  # evicted between lookup and read
-            return None
+        with self._lock:
+            data = self._pending.get(image_uuid)  # written behind, not on disk yet
+        if data is None:
+            try:
+                data = (self.root / entry.filename).read_bytes()
+            except FileNotFoundError:  # evicted between lookup and read
+                return None
         if touch and entry.refresh_ttl is not None:
             with self._lock:
                 entry.expires = max(entry.expires, self.clock() + entry.refresh_ttl)
@@ -185,14 +245,20 @@ class ImageStore:
     def close(self) -> None:
         """Delete every stored file (and the temporary directory if the store made it)."""
         with self._lock:
+            self._closed = True
             self._entries.clear()
+            self._pending.clear()
             self.total_bytes = 0
+            writer, self._writer = self._writer, None
+        if writer is not None:  # let a write in progress finish before deleting the files
+            writer.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self._base if self._owned_tmp else self.root, ignore_errors=True)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def _drop_locked(self, image_uuid: str) -> StoredImage | None:
+        self._pending.pop(image_uuid, None)
         entry = self._entries.pop(image_uuid, None)
         if entry is not None:
             self.total_bytes -= entry.size

@@ -1,0 +1,158 @@
+"""connectors.storage's fast SigV4 presigning path, checked against botocore URL for URL.
+
+After botocore has signed one URL of a bucket, later URLs of that bucket are signed by a
+learned template (no botocore call, no thread hop). These tests prove that the template's
+URLs are *byte-identical* to what botocore's own ``generate_presigned_url`` produces for
+the same key at the same second (botocore's clock frozen at the template URL's
+``X-Amz-Date``), for path-style and virtual-hosted endpoints, with and without a session
+token, GET and PUT, sync- and async-mode s3fs; and that odd keys, expired templates and
+templates that cannot reproduce botocore's URL all fall back to botocore. Signing is
+local: no S3 server is contacted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+from unittest import mock
+from urllib.parse import parse_qsl, urlsplit
+
+import botocore.auth
+import pytest
+
+from connectors import storage
+
+KEY, SECRET = "AKIDFASTPATHTEST", "fast/path+secret=="
+PNG = "image/png"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in (*storage.S3_ENDPOINT_ENV, "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/guideflow-fast-presign-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/guideflow-fast-presign")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    storage._templates.clear()  # filesystems with equal options share templates
+    yield
+    storage._templates.clear()
+
+
+def make_fs(
+    endpoint: str | None, token: str | None, asynchronous: bool, region: str = "us-east-1"
+) -> Any:
+    options: dict[str, Any] = {
+        "key": KEY,
+        "secret": SECRET,
+        "token": token,
+        "skip_instance_cache": True,
+        "asynchronous": asynchronous,
+        "client_kwargs": {"region_name": region},
+    }
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    return storage.url_to_fs("s3://unused", **options)[0]
+
+
+def amz_date(url: str) -> datetime:
+    return datetime.strptime(dict(parse_qsl(urlsplit(url).query))["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+
+
+async def botocore_url(fs: Any, url: str, method: str, params: dict[str, str], at: datetime) -> str:
+    """What botocore itself signs for ``url`` with ``fs``'s client at time ``at``."""
+    path = fs._strip_protocol(url)
+    with mock.patch.object(botocore.auth, "get_current_datetime", return_value=at):
+        if fs.asynchronous:
+            return await storage._presign_async(fs, path, method, 900, params)
+        return storage._presign_sync(fs, path, method, 900, params)
+
+
+async def presign(fs: Any, url: str, method: str) -> str:
+    if method == "put_object":
+        return await storage.presign_put(url, content_type=PNG, expires=900, fs=fs)
+    return await storage.presign_get(url, expires=900, fs=fs)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "token", "asynchronous", "region"),
+    [
+        ("http://127.0.0.1:9", None, False, "us-east-1"),
+        ("http://127.0.0.1:9", "session/token+with=odd", True, "us-east-1"),
+        ("https://minio.example:8443", None, True, "us-east-1"),
+        (None, "tok", False, "eu-west-1"),  # AWS itself: virtual-hosted, regional
+    ],
+)
+@pytest.mark.parametrize("method", ["put_object", "get_object"])
+async def test_template_urls_equal_botocore_urls(
+    endpoint: str | None, token: str | None, asynchronous: bool, region: str, method: str
+) -> None:
+    fs = make_fs(endpoint, token, asynchronous, region)
+    try:
+        first = await presign(fs, "s3://bench-bkt/out/first.png", method)
+        params = {"ContentType": PNG} if method == "put_object" else {}
+        assert storage._templates.get(fs), "botocore's first URL taught no template"
+        # From now on botocore must not be asked: make it fail if it is.
+        with (
+            mock.patch.object(storage, "_presign_sync", side_effect=AssertionError),
+            mock.patch.object(storage, "_presign_async", side_effect=AssertionError),
+        ):
+            fast = await presign(fs, "s3://bench-bkt/out/canny/img-000042.png", method)
+        expected = await botocore_url(
+            fs, "s3://bench-bkt/out/canny/img-000042.png", method, params, amz_date(fast)
+        )
+        assert fast == expected
+        assert fast != first
+        query = dict(parse_qsl(urlsplit(fast).query))
+        assert query["X-Amz-Expires"] == "900"
+        assert query.get("X-Amz-Security-Token") == token
+    finally:
+        await storage.aclose(fs)
+
+
+@pytest.mark.parametrize("key", ["out/with space.png", "out/caf\u00e9.png", "out/a%2Fb.png"])
+async def test_keys_that_need_encoding_are_always_signed_by_botocore(key: str) -> None:
+    fs = make_fs("http://127.0.0.1:9", None, asynchronous=False)
+    await presign(fs, "s3://bkt/out/plain.png", "put_object")  # a template exists
+    assert storage._fast_presign(fs, f"bkt/{key}", "put_object", 900, {"ContentType": PNG}) is None
+    signed = await presign(fs, f"s3://bkt/{key}", "put_object")
+    expected = await botocore_url(
+        fs, f"s3://bkt/{key}", "put_object", {"ContentType": PNG}, amz_date(signed)
+    )
+    assert signed == expected
+
+
+async def test_an_expired_template_sends_the_next_url_to_botocore(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fs = make_fs("http://127.0.0.1:9", None, asynchronous=False)
+    await presign(fs, "s3://bkt/a.png", "get_object")
+    assert storage._fast_presign(fs, "bkt/b.png", "get_object", 900, {}) is not None
+    later = storage.time.monotonic() + storage._TEMPLATE_TTL_S + 1
+    monkeypatch.setattr(storage.time, "monotonic", lambda: later)
+    assert storage._fast_presign(fs, "bkt/b.png", "get_object", 900, {}) is None
+    calls: list[str] = []
+    real = storage._presign_sync
+
+    def counting(*args: Any) -> str:
+        calls.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(storage, "_presign_sync", counting)
+    await presign(fs, "s3://bkt/b.png", "get_object")
+    assert calls == ["bkt/b.png"]
+
+
+async def test_a_template_that_cannot_reproduce_botocore_is_never_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fs = make_fs("http://127.0.0.1:9", None, asynchronous=False)
+    real_sign = storage._SigV4Template.sign
+
+    def off_by_one(self: Any, *args: Any) -> str:
+        return real_sign(self, *args) + "0"
+
+    monkeypatch.setattr(storage._SigV4Template, "sign", off_by_one)
+    await presign(fs, "s3://bkt/a.png", "put_object")
+    assert not storage._templates.get(fs)
+    assert storage._fast_presign(fs, "bkt/b.png", "put_object", 900, {"ContentType": PNG}) is None
