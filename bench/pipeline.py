@@ -49,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -76,6 +77,15 @@ def vm_hwm_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def vm_rss_mb() -> float:
+    """Current resident set size of this process in MB (``VmRSS``), or NaN."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def row_id(i: int) -> str:
@@ -194,8 +204,8 @@ def worker_bare(args: argparse.Namespace) -> None:
             tasks.append(task)
         return tasks
 
-    async def main() -> dict[str, Any]:
-        client = httpx.AsyncClient(
+    def make_client() -> httpx.AsyncClient:
+        return httpx.AsyncClient(
             headers={
                 "Authorization": f"Bearer {API_KEY}",
                 "Content-Type": "application/json",
@@ -204,11 +214,17 @@ def worker_bare(args: argparse.Namespace) -> None:
             timeout=60,
             limits=httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight),
         )
+
+    async def main() -> dict[str, Any]:
+        # As many clients (connection pools) as the pipeline has shards in flight, each
+        # with as many POSTs in flight as one shard: httpx's cost per request grows with
+        # the size of its pool, so one big pool would handicap the bare loop.
+        clients = [make_client() for _ in range(args.clients)]
         starts = iter(range(0, rows, batch))
         done = 0
         ok = 0
 
-        async def lane() -> None:
+        async def lane(client: httpx.AsyncClient) -> None:
             nonlocal done, ok
             for start in starts:
                 resp = await client.post(args.endpoint, content=_dumps(body(start)))
@@ -219,9 +235,10 @@ def worker_bare(args: argparse.Namespace) -> None:
                 )
 
         t0, c0 = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(lane() for _ in range(in_flight)))
+        await asyncio.gather(*(lane(c) for c in clients for _ in range(in_flight)))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        await client.aclose()
+        for client in clients:
+            await client.aclose()
         return {"rows": rows, "answered": done, "success": ok, "wall_s": wall, "cpu_s": cpu}
 
     _result(asyncio.run(main()))
@@ -270,6 +287,17 @@ def worker_pipeline(args: argparse.Namespace) -> None:
     def hook(_shard: Any, summary: Any) -> None:
         captured["summary"] = summary
 
+    # Current RSS every half second, from a daemon thread: flat memory is a flat series.
+    rss: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        start = time.perf_counter()
+        while not stop.wait(0.5):
+            rss.append((round(time.perf_counter() - start, 1), vm_rss_mb()))
+
+    threading.Thread(target=sample, daemon=True).start()
+
     # Time the flow's shard loop (wall and this process's CPU) by wrapping it: the flow
     # calls ``run_shards`` through the module, so the wrapper sees exactly that span.
     run_shards = pipeline.run_shards
@@ -312,6 +340,7 @@ def worker_pipeline(args: argparse.Namespace) -> None:
         err_console=Console(file=sink, width=120),
     )
     total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
+    stop.set()
     summary = captured.get("summary")
     out: dict[str, Any] = {
         "exit_code": code,
@@ -329,6 +358,9 @@ def worker_pipeline(args: argparse.Namespace) -> None:
             errors_by_code=summary.errors_by_code,
             shards=summary.shards,
         )
+    if rss:  # ten (seconds, MB) points along the run
+        step = max(1, len(rss) // 10)
+        out["rss_series"] = [rss[i] for i in range(step - 1, len(rss), step)]
     if code not in (0,) and not args.dry_run:
         out["console"] = sink.getvalue()[-3000:]
     _result(out)
@@ -408,12 +440,14 @@ def throughput(args: argparse.Namespace, root: Path, results: dict[str, Any]) ->
                 manifest = root / f"tp-{scenario}-{rows}.csv"
                 write_manifest(manifest, rows, scenario)
                 in_flight = args.concurrency * args.shards_in_flight
+                per_client = str(args.concurrency)
                 before = stats(url)["tasks"]
                 bare = run_worker(
                     "bare",
                     [
                         "--scenario", scenario, "--rows", str(rows), "--batch", str(batch),
-                        "--in-flight", str(in_flight), "--endpoint", url,
+                        "--in-flight", per_client, "--clients", str(args.shards_in_flight),
+                        "--endpoint", url,
                     ],
                     env,
                     args.timeout,
@@ -583,7 +617,8 @@ def print_throughput(rows: list[dict[str, Any]], header: bool = True) -> None:
 def print_memory(rows: list[dict[str, Any]], header: bool = True) -> None:
     if header:
         print(
-            f"{'mode':<8} {'rows':>11} {'wall s':>8} {'rows/s':>9} {'peak RSS MB':>12} {'exit':>5}"
+            f"{'mode':<8} {'rows':>11} {'wall s':>8} {'rows/s':>9} {'peak RSS MB':>12} "
+            f"{'exit':>5}  RSS MB along the run"
         )
     for r in rows:
         if "skipped" in r:
@@ -594,9 +629,11 @@ def print_memory(rows: list[dict[str, Any]], header: bool = True) -> None:
             continue
         wall = r.get("total_s")
         rate = r["rows"] / wall if wall else None
+        series = r.get("rss_series") or []
+        trend = " → ".join(f"{mb:.0f}" for _, mb in series[:: max(1, len(series) // 4)])
         print(
             f"{r['mode']:<8} {r['rows']:>11,} {_fmt(wall, '.1f'):>8} {_fmt(rate):>9} "
-            f"{_fmt(r.get('peak_rss_mb'), '.0f'):>12} {r.get('exit_code', '—'):>5}",
+            f"{_fmt(r.get('peak_rss_mb'), '.0f'):>12} {r.get('exit_code', '—'):>5}  {trend}",
             flush=True,
         )
 
@@ -607,8 +644,8 @@ def notes(args: argparse.Namespace) -> list[str]:
         f"{platform.python_version()}; load average at start {load_average()}",
         "server: bench/instant_server.py (raw ASGI under uvicorn, separate process), "
         "answers every task at once; both sides share the same CPUs with it",
-        f"bare loop: one httpx.AsyncClient, {args.concurrency * args.shards_in_flight} POSTs in "
-        "flight (= --concurrency × --shards-in-flight, the pipeline's maximum), same task "
+        f"bare loop: {args.shards_in_flight} httpx.AsyncClients × {args.concurrency} POSTs in "
+        "flight (the pipeline's shards in flight × per-shard concurrency), same task "
         "bodies (taken from the pipeline's own request builder for row 0), orjson encoding "
         "and parsing (as the client); writes nothing, no ledger, no signing",
         f"pipeline: guideflow run --backend http --endpoint <instant> -p {PREPROCESSOR} "
@@ -651,7 +688,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
     parser.add_argument("--ledger", help=argparse.SUPPRESS)
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
-    parser.add_argument("--in-flight", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--in-flight", type=int, default=16, help=argparse.SUPPRESS)
+    parser.add_argument("--clients", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

@@ -153,6 +153,26 @@ class ProcessContext:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+def seed_setting(what: str) -> Setting:
+    """The ``seed`` setting of a randomised preprocessor (``what`` names what it seeds)."""
+    return Setting(
+        "seed",
+        int,
+        None,
+        f"Seed of {what} (numpy PCG64). Default: derived from the task UUID (else the "
+        "input bytes), so a retried task gives the same image.",
+        minimum=0,
+        maximum=2**32 - 1,
+    )
+
+
+def resolve_seed(params: Mapping[str, Any], ctx: ProcessContext) -> int:
+    """The explicit ``seed`` setting, else the task-derived one; recorded in ``ctx.meta``."""
+    seed = ctx.seed if params.get("seed") is None else int(params["seed"])
+    ctx.meta["seed"] = seed
+    return seed
+
+
 def derive_seed(*parts: str | bytes | None) -> int:
     """A stable 32-bit seed from the task's identity (task UUID and/or input bytes)."""
     h = hashlib.sha256()

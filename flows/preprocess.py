@@ -36,7 +36,7 @@ from flows.report import publish_summary, write_contact_sheet
 from guideflow.errors import GuideflowError, InvalidParameter
 from guideflow.pricing import PriceTable
 from tasks.shard import ShardResult, forget_done_index, process_shard
-from tasks.work import RunConfig, expand_row
+from tasks.work import Counts, RunConfig, expand_row
 
 #: Called with (shards finished, images done, cost so far) after every shard; the CLI
 #: registers its progress bar here (flow parameters must stay plain data).
@@ -44,41 +44,18 @@ MAX_SAMPLES = 16
 PROGRESS_HOOKS: list[Callable[[ShardResult, RunSummary], None]] = []
 
 
-@dataclass
-class RunSummary:
+@dataclass(kw_only=True)
+class RunSummary(Counts):
     """What a run did, returned by the flow and printed by the CLI."""
 
     run_id: str
     shards: int = 0
-    rows: int = 0
-    success: int = 0
-    errors: int = 0
-    skipped: int = 0
-    already_done: int = 0
-    not_started: int = 0
-    cost_usd: float = 0.0
-    cost_by_preprocessor: dict[str, float] = field(default_factory=dict)
-    errors_by_code: dict[str, int] = field(default_factory=dict)
-    budget_exhausted: bool = False
     contact_sheet: str | None = None
     elapsed_s: float = 0.0
-    samples: list[tuple[str, str, str]] = field(default_factory=list)
 
     def add(self, shard: ShardResult) -> None:
         self.shards += 1
-        self.rows += shard.rows
-        self.success += shard.success
-        self.errors += shard.errors
-        self.skipped += shard.skipped
-        self.already_done += shard.already_done
-        self.not_started += shard.not_started
-        self.cost_usd += shard.cost_usd
-        self.budget_exhausted |= shard.budget_exhausted
-        for k, v in shard.cost_by_preprocessor.items():
-            self.cost_by_preprocessor[k] = self.cost_by_preprocessor.get(k, 0.0) + v
-        for k, n in shard.errors_by_code.items():
-            self.errors_by_code[k] = self.errors_by_code.get(k, 0) + n
-        self.samples.extend(shard.samples[: max(0, MAX_SAMPLES - len(self.samples))])
+        self.merge(shard, max_samples=MAX_SAMPLES)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,26 +30,15 @@ from guideflow.pricing import PriceTable
 from guideflow.protocol import ErrorObject
 from tasks.backends import HttpBackend, LocalBackend, ServiceBackend
 from tasks.limits import Budget, RateLimiter
-from tasks.work import Outcome, RunConfig, WorkItem, expand_row
+from tasks.work import Counts, Outcome, RunConfig, WorkItem, expand_row
 
 
-@dataclass
-class ShardResult:
+@dataclass(kw_only=True)
+class ShardResult(Counts):
     """What a finished shard reports back to the flow (small, picklable)."""
 
     shard: int
-    rows: int = 0
-    success: int = 0
-    errors: int = 0
-    skipped: int = 0
-    already_done: int = 0
-    not_started: int = 0
-    cost_usd: float = 0.0
-    cost_by_preprocessor: dict[str, float] = field(default_factory=dict)
-    errors_by_code: dict[str, int] = field(default_factory=dict)
     ledger_path: str | None = None
-    budget_exhausted: bool = False
-    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (input, output, name)
     success_keys: list[tuple[str, str, str]] = field(default_factory=list)
 
 

@@ -184,6 +184,35 @@ class Outcome:
         )
 
 
+@dataclass(kw_only=True)
+class Counts:
+    """What a stretch of work did: the counters a shard reports and a run adds up."""
+
+    rows: int = 0
+    success: int = 0
+    errors: int = 0
+    skipped: int = 0
+    already_done: int = 0
+    not_started: int = 0
+    cost_usd: float = 0.0
+    cost_by_preprocessor: dict[str, float] = field(default_factory=dict)
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+    budget_exhausted: bool = False
+    samples: list[tuple[str, str, str]] = field(default_factory=list)  # (input, output, name)
+
+    def merge(self, other: Counts, *, max_samples: int) -> None:
+        """Add ``other``'s counters to these (samples up to ``max_samples``)."""
+        for name in ("rows", "success", "errors", "skipped", "already_done", "not_started"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.cost_usd += other.cost_usd
+        self.budget_exhausted |= other.budget_exhausted
+        for k, v in other.cost_by_preprocessor.items():
+            self.cost_by_preprocessor[k] = self.cost_by_preprocessor.get(k, 0.0) + v
+        for k, n in other.errors_by_code.items():
+            self.errors_by_code[k] = self.errors_by_code.get(k, 0) + n
+        self.samples.extend(other.samples[: max(0, max_samples - len(self.samples))])
+
+
 def expand_row(
     row: ManifestRow, shard: int, config: RunConfig
 ) -> tuple[list[WorkItem], list[Outcome]]:

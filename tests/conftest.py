@@ -47,3 +47,23 @@ def photo_bytes(images_dir: Path):
         return (images_dir / name).read_bytes()
 
     return _read
+
+
+def thumbnails(names: list[str] | tuple[str, ...], max_side: int) -> dict[str, bytes]:
+    """Real photos (``<name>.png`` in ../shared) as PNG bytes downscaled to ``max_side``.
+
+    RGBA is kept, like the originals, so the pipeline's alpha handling still runs.
+    """
+    import io
+
+    from PIL import Image
+
+    out = {}
+    for name in names:
+        with Image.open(IMAGES_DIR / f"{name}.png") as im:
+            im.load()
+            im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+        out[name] = buf.getvalue()
+    return out

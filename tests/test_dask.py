@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import io
 import os
 import re
 import shutil
@@ -41,13 +40,13 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from connectors import ledger as ledger_mod
 from engine import imageio
 from engine.api import Engine
 from guideflow.cli import app
+from tests.conftest import thumbnails
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -192,16 +191,8 @@ def scale_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleOut]:
 
 @pytest.fixture(scope="module")
 def photos(images_dir: Path) -> dict[str, bytes]:
-    """Real photos as PNG, downscaled to at most 128 px (RGBA kept, like the originals)."""
-    out = {}
-    for name in PHOTOS:
-        with Image.open(images_dir / f"{name}.png") as im:
-            im.load()
-            im.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, "PNG")
-        out[name] = buf.getvalue()
-    return out
+    """Real photos as PNG, downscaled to at most THUMB px (RGBA kept, like the originals)."""
+    return thumbnails(PHOTOS, THUMB)
 
 
 def write_manifest(root: Path, photos: dict[str, bytes]) -> tuple[Path, dict[str, bytes]]:

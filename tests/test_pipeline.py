@@ -33,6 +33,7 @@ from engine.api import Engine
 from flows import preprocess as pipeline
 from flows.preprocess import DryRunReport, RunSummary, build_config, dry_run, flow_for
 from tasks import shard as shard_mod
+from tests.conftest import thumbnails
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -70,16 +71,8 @@ def s3(s3_endpoint: str) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def photos(images_dir: Path) -> dict[str, bytes]:
-    """Real photos as PNG, downscaled to at most 256 px (RGBA kept, like the originals)."""
-    out = {}
-    for name in PHOTOS:
-        with Image.open(images_dir / f"{name}.png") as im:
-            im.load()
-            im.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, "PNG")
-        out[name] = buf.getvalue()
-    return out
+    """Real photos as PNG, downscaled to at most THUMB px (RGBA kept, like the originals)."""
+    return thumbnails(PHOTOS, THUMB)
 
 
 @pytest.fixture()

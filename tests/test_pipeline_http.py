@@ -42,6 +42,7 @@ from engine.api import Engine
 from engine.server import create_app
 from flows.preprocess import RunSummary, build_config, flow_for
 from guideflow.protocol import PREPROCESS_TASK_TYPES, parse_task
+from tests.conftest import thumbnails
 from tests.live_server import run_server, test_config
 from tests.test_storage import botocore_presign, query
 
@@ -165,16 +166,8 @@ def server(s3: Any) -> Iterator[tuple[str, Recorder]]:
 
 @pytest.fixture(scope="module")
 def photos(images_dir: Path) -> dict[str, bytes]:
-    """Real photos as PNG, downscaled to at most 256 px (RGBA kept, like the originals)."""
-    out = {}
-    for name in PHOTOS:
-        with Image.open(images_dir / f"{name}.png") as im:
-            im.load()
-            im.thumbnail((THUMB, THUMB), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, "PNG")
-        out[name] = buf.getvalue()
-    return out
+    """Real photos as PNG, downscaled to at most THUMB px (RGBA kept, like the originals)."""
+    return thumbnails(PHOTOS, THUMB)
 
 
 @pytest.fixture()

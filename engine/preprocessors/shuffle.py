@@ -25,7 +25,14 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from engine.registry import Preprocessor, ProcessContext, Setting, register
+from engine.registry import (
+    Preprocessor,
+    ProcessContext,
+    Setting,
+    register,
+    resolve_seed,
+    seed_setting,
+)
 
 #: ControlNet's ``f``: pixels per noise cell.
 DEFAULT_NOISE_SCALE = 256
@@ -80,20 +87,11 @@ class Shuffle(Preprocessor):
             minimum=16,
             maximum=1024,
         ),
-        Setting(
-            "seed",
-            int,
-            None,
-            "Seed of the random flow field (numpy PCG64). Default: derived from the task "
-            "UUID (else the input bytes), so a retried task gives the same image.",
-            minimum=0,
-            maximum=2**32 - 1,
-        ),
+        seed_setting("the random flow field"),
     )
 
     def process(
         self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
     ) -> np.ndarray:
-        seed = ctx.seed if params.get("seed") is None else params["seed"]
-        ctx.meta["seed"] = seed
+        seed = resolve_seed(params, ctx)
         return content_shuffle(image, seed, params["noiseScale"])

@@ -32,7 +32,14 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
-from engine.registry import Preprocessor, ProcessContext, Setting, register
+from engine.registry import (
+    Preprocessor,
+    ProcessContext,
+    Setting,
+    register,
+    resolve_seed,
+    seed_setting,
+)
 
 DEFAULT_LEVELS = 3
 DEFAULT_SIGMA = 16.0
@@ -90,20 +97,11 @@ class Tile(Preprocessor):
             minimum=0,
             maximum=50,
         ),
-        Setting(
-            "seed",
-            int,
-            None,
-            "Seed of the noise (numpy PCG64). Default: derived from the task UUID "
-            "(else the input bytes), so a retried task gives the same image.",
-            minimum=0,
-            maximum=2**32 - 1,
-        ),
+        seed_setting("the noise"),
     )
 
     def process(
         self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
     ) -> np.ndarray:
-        seed = ctx.seed if params.get("seed") is None else params["seed"]
-        ctx.meta["seed"] = seed
+        seed = resolve_seed(params, ctx)
         return tile_gaussian(image, seed, params["pyramidLevels"], params["noiseSigma"])
