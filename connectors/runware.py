@@ -941,15 +941,6 @@ class RunwareClient:
 # Small helpers
 # ============================================================================================
 
-#: Media types for the formats :func:`engine.imageio.sniff_format` recognises.
-_MEDIA_TYPES = {
-    "PNG": "image/png",
-    "JPEG": "image/jpeg",
-    "WEBP": "image/webp",
-    "BMP": "image/bmp",
-    "GIF": "image/gif",
-}
-
 
 @functools.cache
 def _ssl_context() -> ssl.SSLContext:
@@ -980,16 +971,16 @@ def _json_body(payload: list[dict[str, Any]]) -> bytes:
 
 def _data_uri(data: bytes) -> str:
     """Encoded image bytes as a data URI with the media type sniffed from the bytes."""
-    from engine.imageio import encode_base64, sniff_format  # lazy: pulls in numpy/cv2
+    from engine.imageio import image_data_uri  # lazy: pulls in numpy/cv2
 
-    fmt = sniff_format(data)
-    if fmt is None:
+    uri = image_data_uri(data)
+    if uri is None:
         raise RunwareValidationError(
             "image bytes are not PNG, JPEG, WEBP, BMP or GIF",
             code="unsupportedImageFormat",
             parameter="image",
         )
-    return f"data:{_MEDIA_TYPES[fmt]};base64,{encode_base64(data)}"
+    return uri
 
 
 async def _gather_or_cancel(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:

@@ -743,5 +743,23 @@ def encode_data_uri(data: bytes, fmt: str) -> str:
     return f"data:{content_type(fmt)};base64,{base64.b64encode(data).decode()}"
 
 
+_SNIFFED_MEDIA_TYPES = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "GIF": "image/gif",
+}
+
+
+def image_data_uri(data: bytes) -> str | None:
+    """Bytes of any supported input image as a ``data:`` URI (media type sniffed from the
+    bytes), or ``None`` when they are not PNG, JPEG, WEBP, BMP or GIF."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        return None
+    return f"data:{_SNIFFED_MEDIA_TYPES[fmt]};base64,{base64.b64encode(data).decode()}"
+
+
 def encode_base64(data: bytes) -> str:
     return base64.b64encode(data).decode()

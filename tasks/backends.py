@@ -294,11 +294,8 @@ class HttpBackend:
 
 
 def _as_data_uri(data: bytes) -> str:
-    fmt = imageio.sniff_format(data)
-    media = {"JPEG": "JPG"}.get(fmt or "", fmt or "PNG")
-    if media in ("JPG", "PNG", "WEBP"):
-        return imageio.encode_data_uri(data, media)
-    return imageio.encode_base64(data)  # BMP/GIF/unknown: raw base64, the service sniffs it
+    # unknown bytes go as raw base64: the service sniffs them and answers with a clear error
+    return imageio.image_data_uri(data) or imageio.encode_base64(data)
 
 
 def _as_error_object(exc: Any) -> ErrorObject:
