@@ -12,7 +12,9 @@ Usage::
 the CLI calls) against :mod:`bench.instant_server` — a Runware-compatible server in a
 separate process that answers every task at once — versus a bare asyncio + httpx loop
 that POSTs the same task bodies, in the same batches, with the same number of POSTs in
-flight, to the same server. The server costs both sides the same; what differs is the
+flight, to the same server (the goal's reference), and the same loop over aiohttp (the
+wire guideflow's client uses: see :mod:`connectors.http_wire`), to show guideflow's own
+overhead on the same wire. The server costs both sides the same; what differs is the
 pipeline's work: reading the manifest, validating rows, settings hashes, stable task
 UUIDs, the protocol models, the client's result parsing, storage calls, the ledger
 files, Prefect task runs and artifacts. Two scenarios:
@@ -46,6 +48,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -157,7 +160,7 @@ def _sample_task(scenario: str) -> dict[str, Any]:
         else:
             ref = await presign_get(item.input_uri, expires=config.presign_expiry_s)
         backend = HttpBackend(config, client=None)
-        task = await backend._task(item, ref)
+        task = await backend._task(item, ref, item.task_uuid)
         return task.wire()
 
     return asyncio.run(build())
@@ -181,7 +184,7 @@ def _config(
 
 
 def worker_bare(args: argparse.Namespace) -> None:
-    """The floor: POST prebuilt-shape task arrays with one pooled httpx client."""
+    """The floor: POST prebuilt-shape task arrays with pooled httpx (or aiohttp) clients."""
     import httpx
 
     template = _sample_task(args.scenario)
@@ -215,20 +218,39 @@ def worker_bare(args: argparse.Namespace) -> None:
             limits=httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight),
         )
 
+    def make_session() -> Any:
+        import aiohttp
+
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=in_flight),
+            headers={
+                "Authorization": f"Bearer {API_KEY}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+            timeout=aiohttp.ClientTimeout(total=60),
+        )
+
+    async def post(client: Any, payload: bytes) -> bytes:
+        if args.transport == "httpx":
+            return (await client.post(args.endpoint, content=payload)).content
+        async with client.post(args.endpoint, data=payload) as resp:
+            return await resp.read()
+
     async def main() -> dict[str, Any]:
         # As many clients (connection pools) as the pipeline has shards in flight, each
         # with as many POSTs in flight as one shard: httpx's cost per request grows with
         # the size of its pool, so one big pool would handicap the bare loop.
-        clients = [make_client() for _ in range(args.clients)]
+        make = make_client if args.transport == "httpx" else make_session
+        clients = [make() for _ in range(args.clients)]
         starts = iter(range(0, rows, batch))
         done = 0
         ok = 0
 
-        async def lane(client: httpx.AsyncClient) -> None:
+        async def lane(client: Any) -> None:
             nonlocal done, ok
             for start in starts:
-                resp = await client.post(args.endpoint, content=_dumps(body(start)))
-                data = _loads(resp.content)["data"]
+                data = _loads(await post(client, _dumps(body(start))))["data"]
                 done += len(data)
                 ok += sum(
                     1 for d in data if d.get("guideImageBase64Data") or d.get("guideImageURL")
@@ -238,7 +260,7 @@ def worker_bare(args: argparse.Namespace) -> None:
         await asyncio.gather(*(lane(c) for c in clients for _ in range(in_flight)))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         for client in clients:
-            await client.aclose()
+            await (client.aclose() if args.transport == "httpx" else client.close())
         return {"rows": rows, "answered": done, "success": ok, "wall_s": wall, "cpu_s": cpu}
 
     _result(asyncio.run(main()))
@@ -378,11 +400,27 @@ def run_worker(kind: str, argv: Sequence[str], env: dict[str, str], timeout: flo
     """Run a worker subprocess; its RESULT line as a dict (or an ``error`` entry)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *argv]
     base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # ephemeral API
-    proc = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True, timeout=timeout)
-    for line in reversed(proc.stdout.splitlines()):
+    # A session of its own, so a worker that times out goes down with its children (the
+    # ephemeral Prefect server), which would otherwise keep our pipes open and live on.
+    proc = subprocess.Popen(
+        cmd,
+        env={**base, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return {"error": f"worker {kind} timed out after {timeout:.0f} s: {stderr[-1000:]}"}
+    for line in reversed(stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    return {"error": f"worker {kind} failed (rc {proc.returncode}): {proc.stderr[-2000:]}"}
+    return {"error": f"worker {kind} failed (rc {proc.returncode}): {stderr[-2000:]}"}
 
 
 def load_average() -> str:
@@ -441,18 +479,15 @@ def throughput(args: argparse.Namespace, root: Path, results: dict[str, Any]) ->
                 write_manifest(manifest, rows, scenario)
                 in_flight = args.concurrency * args.shards_in_flight
                 per_client = str(args.concurrency)
+                bare_argv = [
+                    "--scenario", scenario, "--rows", str(rows), "--batch", str(batch),
+                    "--in-flight", per_client, "--clients", str(args.shards_in_flight),
+                    "--endpoint", url,
+                ]  # fmt: skip
                 before = stats(url)["tasks"]
-                bare = run_worker(
-                    "bare",
-                    [
-                        "--scenario", scenario, "--rows", str(rows), "--batch", str(batch),
-                        "--in-flight", per_client, "--clients", str(args.shards_in_flight),
-                        "--endpoint", url,
-                    ],
-                    env,
-                    args.timeout,
-                )  # fmt: skip
+                bare = run_worker("bare", [*bare_argv, "--transport", "httpx"], env, args.timeout)
                 bare_tasks = stats(url)["tasks"] - before
+                aio = run_worker("bare", [*bare_argv, "--transport", "aiohttp"], env, args.timeout)
                 ledger = root / f"ledger-{scenario}-{batch}-{time.time_ns()}"
                 before = stats(url)["tasks"]
                 pipe = run_worker(
@@ -463,7 +498,9 @@ def throughput(args: argparse.Namespace, root: Path, results: dict[str, Any]) ->
                 )
                 pipe_tasks = stats(url)["tasks"] - before
                 rows_out.append(
-                    _tp_row(scenario, batch, rows, in_flight, bare, pipe, bare_tasks, pipe_tasks)
+                    _tp_row(
+                        scenario, batch, rows, in_flight, bare, aio, pipe, bare_tasks, pipe_tasks
+                    )
                 )
                 print_throughput([rows_out[-1]], header=len(rows_out) == 1)
     results["throughput"] = rows_out
@@ -494,6 +531,7 @@ def _tp_row(
     rows: int,
     in_flight: int,
     bare: dict[str, Any],
+    aio: dict[str, Any],
     pipe: dict[str, Any],
     bare_tasks: int,
     pipe_tasks: int,
@@ -504,6 +542,7 @@ def _tp_row(
         "rows": rows,
         "posts_in_flight": in_flight,
         "bare": bare,
+        "bare_aiohttp": aio,
         "pipeline": pipe,
         "server_tasks_bare": bare_tasks,
         "server_tasks_pipeline": pipe_tasks,
@@ -517,9 +556,14 @@ def _tp_row(
         row["bare_cpu_us_per_task"] = bare["cpu_s"] / rows * 1e6
     if pipe.get("shards_cpu_s") is not None:
         row["pipeline_cpu_us_per_task"] = pipe["shards_cpu_s"] / rows * 1e6
+    if "wall_s" in aio:
+        row["aio_tps"] = rows / aio["wall_s"]
+        row["aio_cpu_us_per_task"] = aio["cpu_s"] / rows * 1e6
     if "bare_tps" in row and "pipeline_tps_flow" in row:
         row["ratio_flow"] = row["pipeline_tps_flow"] / row["bare_tps"]
         row["ratio_total"] = row["pipeline_tps_total"] / row["bare_tps"]
+    if "aio_tps" in row and "pipeline_tps_flow" in row:
+        row["ratio_aio"] = row["pipeline_tps_flow"] / row["aio_tps"]
     return row
 
 
@@ -583,11 +627,13 @@ def print_throughput(rows: list[dict[str, Any]], header: bool = True) -> None:
         print(
             f"{'scenario':<8} {'tasks/POST':>10} {'rows':>8} │ {'bare t/s':>8} {'flow t/s':>8} "
             f"{'ratio':>5} │ {'total s':>7} {'total t/s':>9} {'ratio':>5} │ "
-            f"{'bare CPU':>8} {'flow CPU':>8} {'ratio':>5} │ {'RSS MB':>6} {'ok':>7}"
+            f"{'bare CPU':>8} {'flow CPU':>8} {'ratio':>5} │ {'aio t/s':>7} {'aio CPU':>7} "
+            f"{'ratio':>5} │ {'RSS MB':>6} {'ok':>7}"
         )
         print(
-            f"{'':<8} {'':>10} {'':>8} │ {'':>8} {'':>8} {'':>5} │ {'':>7} {'':>9} {'':>5} │ "
-            f"{'µs/task':>8} {'µs/task':>8} {'':>5} │ {'':>6} {'':>7}"
+            f"{'':<8} {'':>10} {'':>8} │ {'httpx':>8} {'':>8} {'':>5} │ {'':>7} {'':>9} {'':>5} │ "
+            f"{'µs/task':>8} {'µs/task':>8} {'':>5} │ {'':>7} {'µs/task':>7} {'':>5} │ "
+            f"{'':>6} {'':>7}"
         )
     for r in rows:
         pipe = r["pipeline"]
@@ -599,10 +645,12 @@ def print_throughput(rows: list[dict[str, Any]], header: bool = True) -> None:
             f"{_fmt(r.get('ratio_flow'), '.2f'):>5} │ {_fmt(pipe.get('total_s'), '.1f'):>7} "
             f"{_fmt(r.get('pipeline_tps_total')):>9} {_fmt(r.get('ratio_total'), '.2f'):>5} │ "
             f"{_fmt(bare_cpu):>8} {_fmt(pipe_cpu):>8} {_fmt(cpu_ratio, '.2f'):>5} │ "
+            f"{_fmt(r.get('aio_tps')):>7} {_fmt(r.get('aio_cpu_us_per_task')):>7} "
+            f"{_fmt(r.get('ratio_aio'), '.2f'):>5} │ "
             f"{_fmt(pipe.get('peak_rss_mb'), '.0f'):>6} {pipe.get('success', '—'):>7}",
             flush=True,
         )
-        for side in ("bare", "pipeline"):
+        for side in ("bare", "bare_aiohttp", "pipeline"):
             if "error" in r[side]:
                 print(f"  {side} failed: {r[side]['error']}")
         if pipe.get("errors"):
@@ -647,10 +695,16 @@ def notes(args: argparse.Namespace) -> list[str]:
         f"bare loop: {args.shards_in_flight} httpx.AsyncClients × {args.concurrency} POSTs in "
         "flight (the pipeline's shards in flight × per-shard concurrency), same task "
         "bodies (taken from the pipeline's own request builder for row 0), orjson encoding "
-        "and parsing (as the client); writes nothing, no ledger, no signing",
+        "and parsing (as the client); writes nothing, no ledger, no signing. The goal "
+        "(ratio ≥ 0.8) is against this loop",
+        "aio: the same bare loop over aiohttp sessions, the wire guideflow's client uses "
+        "(connectors/http_wire.py); its ratio is guideflow's own overhead on the same wire",
         f"pipeline: guideflow run --backend http --endpoint <instant> -p {PREPROCESSOR} "
         f"--shard-size {args.shard_size} --shards-in-flight {args.shards_in_flight} "
         f"--concurrency {args.concurrency}; CSV manifest on local disk, ledger on local disk",
+        "CPU µs/task: CPU time of the client process (bare: the loop; pipeline: the flow's "
+        "shard loop, all threads) per row; unlike t/s it barely moves with other load on the "
+        "machine, so its ratio is the steadier comparison",
         "flow t/s: rows / flow body time (Prefect ephemeral API already started); "
         "total t/s: rows / whole run_from_cli call (ephemeral API start, flow run, contact "
         "sheet, artifacts); a warm-up run created the Prefect DB first",
@@ -658,7 +712,8 @@ def notes(args: argparse.Namespace) -> list[str]:
         "outputs written to memory://; s3: presigned GET inputs and PUT uploadEndpoints "
         "(dummy credentials, local signing), nothing uploaded",
         "memory: peak RSS (VmHWM) of the whole `guideflow run` process, s3 scenario CSV "
-        "manifests; the Prefect ephemeral API runs in its own process and is not counted",
+        "manifests; the Prefect ephemeral API runs in its own process and is not counted, "
+        "but starting it imports Prefect's server app into ours (~80 MB of the real runs)",
     ]
 
 
@@ -690,6 +745,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     parser.add_argument("--in-flight", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--transport", choices=["httpx", "aiohttp"], default="httpx", help=argparse.SUPPRESS
+    )
     parser.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

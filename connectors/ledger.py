@@ -266,15 +266,30 @@ def _conform(table: pa.Table) -> pa.Table:
 
 
 def _scrub(table: pa.Table) -> pa.Table:
-    """Strip secrets from the URI columns and from URLs in error messages."""
-    for name, clean in (
-        *((n, _strip_secrets) for n in URI_FIELDS),
-        ("error_message", _scrub_message),
+    """Strip secrets from the URI columns and from URLs in error messages.
+
+    Only values that could hold a secret go through Python: URIs with a query string,
+    fragment, userinfo or a data: payload, and messages that contain ``://``.
+    """
+    for name, clean, suspect in (
+        *((n, _strip_secrets, _URI_SUSPECT) for n in URI_FIELDS),
+        ("error_message", _scrub_message, _MESSAGE_SUSPECT),
     ):
+        column = table[name]
+        flagged = pc.fill_null(pc.match_substring_regex(column, suspect), False)
+        if not pc.any(flagged).as_py():
+            continue
         index = table.schema.get_field_index(name)
-        values = [clean(v) for v in table[name].to_pylist()]
+        values = [
+            clean(v) if hit else v
+            for v, hit in zip(column.to_pylist(), flagged.to_pylist(), strict=True)
+        ]
         table = table.set_column(index, LEDGER_SCHEMA.field(name), pa.array(values, pa.string()))
     return table
+
+
+_URI_SUSPECT = r"[?#@]|^[Dd][Aa][Tt][Aa]:"
+_MESSAGE_SUSPECT = "://"
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ path the pipeline uses to turn many images into guide images::
 What it does for you:
 
 * **Batching.** ``preprocess_many`` sends up to ``batch_size`` tasks per POST (the API
-  takes arrays) and runs up to ``max_concurrency`` POSTs at once over one pooled
-  ``httpx.AsyncClient``. Results come back in input order; a task's error is returned in
+  takes arrays) and runs up to ``max_concurrency`` POSTs at once over one connection
+  pool (aiohttp; httpx with a custom ``transport`` or ``http2``: see
+  :mod:`connectors.http_wire`). Results come back in input order; a task's error is returned in
   its place and never fails its siblings.
 * **Retries.** Every POST is retried on HTTP 408/429/500/502/503/504, timeouts,
   connection errors, a connection dropped mid-response and unreadable (truncated, non-JSON)
@@ -58,8 +59,16 @@ from typing import Any, ClassVar, TypeVar
 
 import httpx
 import orjson
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
+from connectors.http_wire import (
+    AiohttpWire,
+    HttpxWire,
+    Wire,
+    WireConnectionError,
+    WireResponse,
+    WireTimeout,
+)
 from guideflow import __version__
 from guideflow.protocol import (
     ApiResponse,
@@ -71,6 +80,7 @@ from guideflow.protocol import (
     PreprocessResult,
     PreprocessTask,
     ProtocolModel,
+    StampedTask,
     new_task_uuid,
 )
 
@@ -391,15 +401,38 @@ def parse_preprocess_item(item: Mapping[str, Any]) -> PreprocessResult | None:
     → ``error``, anything else present (``processing``, the older docs' ``pending``) →
     ``processing``. Both taskType spellings parse; other fields are kept as extras.
     """
-    if not isinstance(item, Mapping) or not isinstance(item.get("taskUUID"), str):
+    data = _result_candidate(item)
+    if data is None:
         return None
-    data = dict(item)
-    if data.get("status") is not None:
-        data["status"] = _STATUS_ALIASES.get(str(data["status"]).lower(), "processing")
     try:
         return PreprocessResult.model_validate(data)
     except ValidationError:
         return None
+
+
+def parse_preprocess_items(items: Sequence[Any]) -> list[PreprocessResult]:
+    """Every item of a response's ``data`` that is a preprocess result (see
+    :func:`parse_preprocess_item`), validated in one call when all of them are."""
+    candidates = [c for c in map(_result_candidate, items) if c is not None]
+    try:
+        return _RESULTS.validate_python(candidates)
+    except ValidationError:  # some item is not a result: sort them out one by one
+        return [r for r in map(parse_preprocess_item, candidates) if r is not None]
+
+
+def _result_candidate(item: Any) -> dict[str, Any] | None:
+    """``item`` with its status normalised, or ``None`` when it has no taskUUID."""
+    if not isinstance(item, Mapping) or not isinstance(item.get("taskUUID"), str):
+        return None
+    data = dict(item)
+    status = data.get("status")
+    if status is not None and status not in _RESULT_STATUSES:
+        data["status"] = _STATUS_ALIASES.get(str(status).lower(), "processing")
+    return data
+
+
+_RESULTS = TypeAdapter(list[PreprocessResult])
+_RESULT_STATUSES = frozenset({"processing", "success", "error"})
 
 
 def _embedded_error(result: PreprocessResult) -> ErrorObject:
@@ -432,10 +465,8 @@ class _Envelope:
     @classmethod
     def of(cls, response: ApiResponse, http_status: int, retry_after: float | None) -> _Envelope:
         env = cls(response, http_status, retry_after)
-        for item in response.data:
-            result = parse_preprocess_item(item)
-            if result is not None:
-                env.items.setdefault(result.taskUUID, []).append(result)
+        for result in parse_preprocess_items(response.data):
+            env.items.setdefault(result.taskUUID, []).append(result)
         for err in response.errors:
             if err.taskUUID:
                 env.tagged.setdefault(err.taskUUID, err)
@@ -467,7 +498,7 @@ PENDING = _Pending()
 
 
 def _classify(
-    task: PreprocessTask, env: _Envelope, *, polling: bool = False
+    task: PreprocessTask | StampedTask, env: _Envelope, *, polling: bool = False
 ) -> PreprocessResult | RunwareError | _Pending:
     """What one submitted task ended as in a response: result, error, pending or unanswered.
 
@@ -541,7 +572,8 @@ class RunwareClient:
             (loopback, measured for issue 4), plus window-update round trips on real
             links. Concurrency comes from ``max_concurrency`` pooled HTTP/1.1 connections.
 
-    A client holds one pooled ``httpx.AsyncClient`` (HTTP/1.1, or HTTP/2 with ``http2``),
+    A client holds one connection pool (aiohttp, HTTP/1.1; or an ``httpx.AsyncClient`` with
+    a custom ``transport`` or ``http2``: see :mod:`connectors.http_wire`),
     bound to the event loop that first uses it: use one client per loop, and close it
     (``async with`` or :meth:`aclose`). Transport retries (per POST) and per-task re-sends
     (per task with a transient error) are separate budgets of ``max_retries`` each.
@@ -596,21 +628,22 @@ class RunwareClient:
         self._random = random
         self._clock = clock
         self._semaphore = asyncio.Semaphore(max_concurrency)
-        self._http = httpx.AsyncClient(
-            headers={
-                "Authorization": f"Bearer {key}",
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                "User-Agent": f"guideflow/{__version__}",
-            },
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(
-                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-            ),
-            http2=http2 and transport is None and importlib.util.find_spec("h2") is not None,
-            transport=transport,
-            verify=_ssl_context(),
-            follow_redirects=False,
+        headers = {
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": f"guideflow/{__version__}",
+        }
+        wire_options: dict[str, Any] = {
+            "timeout": timeout,
+            "max_connections": max_concurrency,
+            "ssl_context": _ssl_context(),
+        }
+        use_h2 = http2 and transport is None and importlib.util.find_spec("h2") is not None
+        self._http: Wire = (
+            HttpxWire(headers, transport=transport, http2=use_h2, **wire_options)
+            if transport is not None or use_h2
+            else AiohttpWire(headers, **wire_options)
         )
 
     # -- construction, lifecycle, repr -----------------------------------------------------
@@ -659,7 +692,7 @@ class RunwareClient:
         return outcome
 
     async def preprocess_many(
-        self, tasks: Sequence[PreprocessTask]
+        self, tasks: Sequence[PreprocessTask | StampedTask]
     ) -> list[PreprocessResult | RunwareError]:
         """Run many preprocess tasks; one outcome per task, in input order.
 
@@ -672,6 +705,8 @@ class RunwareClient:
         uuids = [t.taskUUID for t in tasks]
         if len(set(uuids)) != len(uuids):
             raise ValueError("preprocess_many: taskUUIDs must be unique within one call")
+        if len(tasks) <= self.batch_size:  # one POST: no task to spawn and gather
+            return await self._run_batch(tasks) if tasks else []
         batches = [tasks[i : i + self.batch_size] for i in range(0, len(tasks), self.batch_size)]
         outcomes = await _gather_or_cancel(self._run_batch(b) for b in batches)
         return [o for batch in outcomes for o in batch]
@@ -741,11 +776,11 @@ class RunwareClient:
     # -- batches -----------------------------------------------------------------------------
 
     async def _run_batch(
-        self, batch: Sequence[PreprocessTask]
+        self, batch: Sequence[PreprocessTask | StampedTask]
     ) -> list[PreprocessResult | RunwareError]:
         """Submit one batch, re-send its transiently failed tasks, poll its async ones."""
         outcomes: dict[str, PreprocessResult | RunwareError] = {}
-        pending: list[PreprocessTask] = []
+        pending: list[PreprocessTask | StampedTask] = []
         to_send = list(batch)
         for round_ in range(self.max_retries + 1):
             try:
@@ -757,7 +792,7 @@ class RunwareClient:
                 break
             if env.http_status in (401, 402, 403):
                 raise self._request_error(env)
-            retry: list[PreprocessTask] = []
+            retry: list[PreprocessTask | StampedTask] = []
             for task in to_send:
                 outcome = _classify(task, env)
                 if outcome is PENDING:
@@ -778,7 +813,7 @@ class RunwareClient:
         return [outcomes[t.taskUUID] for t in batch]
 
     async def _poll(
-        self, tasks: Sequence[PreprocessTask]
+        self, tasks: Sequence[PreprocessTask | StampedTask]
     ) -> dict[str, PreprocessResult | RunwareError]:
         """Poll ``getResponse`` for ``tasks`` (one POST for all) until each is final."""
         pending = {t.taskUUID: t for t in tasks}
@@ -819,7 +854,7 @@ class RunwareClient:
 
     async def _exchange(
         self,
-        tasks: Sequence[ProtocolModel],
+        tasks: Sequence[ProtocolModel | StampedTask],
         *,
         client_errors: bool = False,
         retries: int | None = None,
@@ -868,16 +903,12 @@ class RunwareClient:
         body = _json_body(payload)
         try:
             async with self._semaphore:
-                response = await self._http.post(self.base_url, content=body)
-        except httpx.TimeoutException as exc:
-            raise RunwareTimeout(
-                f"request timed out ({type(exc).__name__})", code="requestTimeout"
-            ) from exc
-        except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-            raise RunwareConnectionError(
-                self._redact(f"{type(exc).__name__}: {exc}"), code="connectionError"
-            ) from exc
-        status = response.status_code
+                response = await self._http.post(self.base_url, body)
+        except WireTimeout as exc:
+            raise RunwareTimeout(str(exc), code="requestTimeout") from exc
+        except WireConnectionError as exc:
+            raise RunwareConnectionError(self._redact(str(exc)), code="connectionError") from exc
+        status = response.status
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         logger.debug("HTTP %d from %s", status, self.base_url)
         parsed = self._parse_body(response)
@@ -901,10 +932,10 @@ class RunwareClient:
             raise self._request_error(env)
         return env
 
-    def _parse_body(self, response: httpx.Response) -> ApiResponse | None:
+    def _parse_body(self, response: WireResponse) -> ApiResponse | None:
         """The body as an :class:`ApiResponse`, or ``None`` if it is not one (truncated, HTML)."""
         try:
-            body = json.loads(response.content)
+            body = _json_loads(response.body)
         except (ValueError, UnicodeDecodeError):
             return None
         if not isinstance(body, dict) or not ({"data", "errors", "error"} & body.keys()):
@@ -951,6 +982,15 @@ def _ssl_context() -> ssl.SSLContext:
     safe to share between clients, threads and event loops.
     """
     return httpx.create_ssl_context()
+
+
+def _json_loads(content: bytes) -> Any:
+    """A response body parsed by orjson (several times faster than ``json.loads``), falling
+    back to the standard library for what orjson refuses (NaN, integers beyond 64 bits)."""
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return json.loads(content)
 
 
 def _json_body(payload: list[dict[str, Any]]) -> bytes:

@@ -40,7 +40,7 @@ import string
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -192,6 +192,42 @@ def output_key(
     return key.lstrip("/") if not values["prefix"] else key
 
 
+@functools.lru_cache(maxsize=256)
+def output_namer(
+    template: str = DEFAULT_OUTPUT_TEMPLATE, *, prefix: str, preprocessor: str, ext: str
+) -> Callable[[str], str]:
+    """``image_id -> output_key(template, prefix=..., preprocessor=..., image_id=..., ext=...)``.
+
+    The same keys as :func:`output_key`, made faster for the millions of ids of one run:
+    everything but the id is formatted once (when the template names ``{image_id}``
+    exactly once; otherwise every call formats the whole template).
+    """
+    output_key(template, prefix=prefix, preprocessor=preprocessor, image_id="x", ext=ext)
+    marker = "\x00"
+    whole = output_key(template, prefix=prefix, preprocessor=preprocessor, image_id=marker, ext=ext)
+    escaped_marker = _key_path(marker)
+    if whole.count(escaped_marker) != 1 or marker in prefix:
+        return functools.partial(
+            _output_key_for, template, prefix=prefix, preprocessor=preprocessor, ext=ext
+        )
+    head, _, tail = whole.partition(escaped_marker)
+
+    def name(image_id: str) -> str:
+        if (
+            "/" not in image_id
+            and _SAFE_SEGMENT.fullmatch(image_id)
+            and image_id not in (".", "..")
+        ):
+            return f"{head}{image_id}{tail}"  # nothing to escape (the usual id)
+        return f"{head}{_key_path(image_id)}{tail}"
+
+    return name
+
+
+def _output_key_for(template: str, image_id: str, **fields: str) -> str:
+    return output_key(template, image_id=image_id, **fields)
+
+
 @functools.lru_cache(maxsize=32)
 def _template_fields(template: str) -> frozenset[str]:
     """The placeholder names in an output template (parsed once per template)."""
@@ -258,13 +294,13 @@ async def _presign(
     params: dict[str, str],
 ) -> str:
     """Check the arguments, then sign ``method`` on ``url`` with the given or the cached fs."""
-    _check_presign_args(url, expires)
+    plain = _check_presign_args(url, expires)
     if fs is None:
         # fsspec's cached sync-mode s3fs: building a fresh aiobotocore client per URL
         # costs 0.3-1 s (service-model parsing); the cached one presigns in ~1 ms.
-        fs = _default_s3_fs()
-    path = fs._strip_protocol(url)
-    fast = _fast_presign(fs, path, method, expires, params)
+        fs = default_s3_fs()
+    path = plain if plain is not None else fs._strip_protocol(url)
+    fast = _fast_presign(fs, path, method, expires, params, plain=plain is not None)
     if fast is not None:
         return fast
     if getattr(fs, "asynchronous", False):
@@ -277,13 +313,14 @@ async def _presign(
 _default_fs: dict[tuple[Any, ...], AbstractFileSystem] = {}
 
 
-def _default_s3_fs() -> AbstractFileSystem:
+def default_s3_fs() -> AbstractFileSystem:
     """The s3fs that :func:`url_to_fs` returns for plain ``s3://bucket/key`` URLs, memoised.
 
     fsspec would return the same cached instance, but finding it (URL parsing, option
     tokenising) costs more than signing a URL on the fast path; the memo is keyed by the
     environment variables that choose the endpoint, and by the process id as fsspec's
-    cache is.
+    cache is. Callers that sign many URLs (the pipeline) resolve it once and pass it as
+    ``fs=``: even reading those variables costs more than signing.
     """
     key = (os.getpid(), *(os.environ.get(name) for name in S3_ENDPOINT_ENV))
     fs = _default_fs.get(key)
@@ -292,17 +329,27 @@ def _default_s3_fs() -> AbstractFileSystem:
     return fs
 
 
-def _check_presign_args(url: str, expires: int) -> None:
-    """``ValueError`` unless ``url`` is ``s3://bucket/key`` and ``expires`` is 1 s..7 days."""
+def _check_presign_args(url: str, expires: int) -> str | None:
+    """``ValueError`` unless ``url`` is ``s3://bucket/key`` and ``expires`` is 1 s..7 days.
+
+    Returns ``bucket/key`` when the URL is the plain kind (``s3://``, lowercase, no query,
+    fragment or odd characters) that s3fs would strip to exactly that, else ``None``.
+    """
+    if isinstance(expires, bool) or not isinstance(expires, int):
+        raise ValueError(f"expires must be an int number of seconds, got {expires!r}")
+    if not 1 <= expires <= MAX_PRESIGN_EXPIRES:
+        raise ValueError(f"expires must be 1..{MAX_PRESIGN_EXPIRES} seconds, got {expires}")
+    if url.startswith("s3://"):
+        path = url[5:]
+        bucket, _, key = path.partition("/")
+        if _PLAIN_BUCKET.fullmatch(bucket) and _is_plain_key(key):
+            return path
     if not is_s3(url):
         raise ValueError(f"only s3:// URLs can be presigned, got {_redact(url)}")
     parts = urlsplit(url)
     if not parts.netloc or not parts.path.strip("/"):
         raise ValueError(f"a presigned URL needs s3://bucket/key, got {_redact(url)}")
-    if isinstance(expires, bool) or not isinstance(expires, int):
-        raise ValueError(f"expires must be an int number of seconds, got {expires!r}")
-    if not 1 <= expires <= MAX_PRESIGN_EXPIRES:
-        raise ValueError(f"expires must be 1..{MAX_PRESIGN_EXPIRES} seconds, got {expires}")
+    return None
 
 
 async def _presign_async(
@@ -349,6 +396,7 @@ def _require_sigv4(signed: str) -> str:
 
 _TEMPLATE_TTL_S = 60.0
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9._~-]+(?:/[A-Za-z0-9._~-]+)*")
+_PLAIN_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _HTTP_METHODS = {"put_object": "PUT", "get_object": "GET"}
 _QUERY_SAFE = "-_.~"
 
@@ -366,10 +414,30 @@ class _SigV4Template:
     region: str
     valid_until: float
 
+    _parts: dict[tuple[Any, ...], _SignParts] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
     def sign(
         self, key: str, method: str, expires: int, content_type: str | None, amz_date: str
     ) -> str:
         """The presigned URL, exactly as botocore's S3SigV4QueryAuth writes it."""
+        shape = (method, expires, content_type, amz_date)
+        parts = self._parts.get(shape)
+        if parts is None:
+            if len(self._parts) > 64:  # a new second each second: keep only the latest
+                self._parts.clear()
+            parts = self._parts[shape] = self._sign_parts(method, expires, content_type, amz_date)
+        canonical = f"{parts.canonical_head}{key}{parts.canonical_tail}"
+        digest = hashlib.sha256(canonical.encode()).hexdigest()
+        signer = parts.signer.copy()
+        signer.update(f"{parts.to_sign_head}{digest}".encode())
+        return f"{self.base}{key}?{parts.query}&X-Amz-Signature={signer.hexdigest()}"
+
+    def _sign_parts(
+        self, method: str, expires: int, content_type: str | None, amz_date: str
+    ) -> _SignParts:
+        """Everything in a signature that does not depend on the key (shared within a second)."""
         day = amz_date[:8]
         scope = f"{day}/{self.region}/s3/aws4_request"
         signed_headers = "content-type;host" if content_type is not None else "host"
@@ -377,24 +445,27 @@ class _SigV4Template:
             self.access_key, scope, amz_date, expires, signed_headers, self.token
         )
         headers = f"content-type:{content_type}\n" if content_type is not None else ""
-        canonical = "\n".join(
-            (
-                method,
-                self.path_prefix + key,
-                canonical_query,
-                f"{headers}host:{self.host}\n",
-                signed_headers,
-                "UNSIGNED-PAYLOAD",
-            )
+        return _SignParts(
+            canonical_head=f"{method}\n{self.path_prefix}",
+            canonical_tail=(
+                f"\n{canonical_query}\n{headers}host:{self.host}\n\n"
+                f"{signed_headers}\nUNSIGNED-PAYLOAD"
+            ),
+            to_sign_head=f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n",
+            query=query,
+            signer=_signing_hmac(self.secret_key, day, self.region),
         )
-        to_sign = "\n".join(
-            ("AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest())
-        )
-        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
-        return f"{self.base}{key}?{query}&X-Amz-Signature={signature}"
 
-    def _signing_key(self, day: str) -> bytes:
-        return _signing_key(self.secret_key, day, self.region)
+
+@dataclass(frozen=True)
+class _SignParts:
+    """The key-independent pieces of SigV4 query signing for one (method, expiry, second)."""
+
+    canonical_head: str  # "<METHOD>\n<path prefix>": the key follows
+    canonical_tail: str  # "\n<query>\n<headers>\n\n<signed headers>\nUNSIGNED-PAYLOAD"
+    to_sign_head: str  # "AWS4-HMAC-SHA256\n<date>\n<scope>\n": the request's hash follows
+    query: str
+    signer: hmac.HMAC = field(repr=False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -433,6 +504,16 @@ def _amz_date(epoch_s: int) -> str:
 
 
 @functools.lru_cache(maxsize=64)
+def _signing_hmac(secret_key: str, day: str, region: str) -> hmac.HMAC:
+    """An HMAC-SHA256 keyed with the day's signing key, to ``copy()`` per URL.
+
+    Copying a keyed HMAC costs half of keying a new one (OpenSSL 3 looks the digest
+    up again for every new context).
+    """
+    return hmac.new(_signing_key(secret_key, day, region), digestmod=hashlib.sha256)
+
+
+@functools.lru_cache(maxsize=64)
 def _signing_key(secret_key: str, day: str, region: str) -> bytes:
     key = ("AWS4" + secret_key).encode()
     for part in (day, region, "s3", "aws4_request"):
@@ -440,36 +521,83 @@ def _signing_key(secret_key: str, day: str, region: str) -> bytes:
     return key
 
 
-_templates: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _SigV4Template]] = (
-    weakref.WeakKeyDictionary()
-)
+_Templates = dict[tuple[Any, ...], _SigV4Template]
+
+
+class _TemplateStore:
+    """The templates learned per filesystem object, dropped when the filesystem is.
+
+    Keyed by identity (a ``WeakKeyDictionary`` makes a weak reference and compares
+    fsspec tokens on every lookup: a third of the cost of signing).
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[weakref.ref[Any], _Templates]] = {}
+
+    def get(self, fs: Any) -> _Templates | None:
+        entry = self._by_id.get(id(fs))
+        return entry[1] if entry is not None and entry[0]() is fs else None
+
+    def setdefault(self, fs: Any, default: _Templates) -> _Templates:
+        found = self.get(fs)
+        if found is not None:
+            return found
+        fs_id = id(fs)
+
+        def forget(ref: weakref.ref[Any]) -> None:
+            if self._by_id.get(fs_id, (None,))[0] is ref:
+                del self._by_id[fs_id]
+
+        self._by_id[fs_id] = (weakref.ref(fs, forget), default)  # TypeError: not weakrefable
+        return default
+
+    def clear(self) -> None:
+        self._by_id.clear()
+
+
+_templates = _TemplateStore()
 
 
 def _template_key(path: str, method: str, params: dict[str, str]) -> tuple[Any, ...] | None:
     """(bucket, operation, parameter names) when ``path`` has a plain key, else None."""
     bucket, _, key = path.partition("/")
-    if (
-        method not in _HTTP_METHODS
-        or not _PLAIN_KEY.fullmatch(key)
-        or set(params) - {"ContentType"}
-    ):
-        return None
-    if any(seg in (".", "..") for seg in key.split("/")):
+    if method not in _HTTP_METHODS or not _is_plain_key(key) or set(params) - {"ContentType"}:
         return None
     return (bucket, method, tuple(sorted(params)))
 
 
+def _is_plain_key(key: str) -> bool:
+    """Unreserved characters only, and no ``.``/``..`` segment: signed exactly as written."""
+    if not _PLAIN_KEY.fullmatch(key):
+        return False
+    return "." not in key or not any(seg in (".", "..") for seg in key.split("/"))
+
+
 def _fast_presign(
-    fs: AbstractFileSystem, path: str, method: str, expires: int, params: dict[str, str]
+    fs: AbstractFileSystem,
+    path: str,
+    method: str,
+    expires: int,
+    params: dict[str, str],
+    *,
+    plain: bool = False,
 ) -> str | None:
-    """The presigned URL from a learned, still valid template, or None (botocore signs)."""
-    cache_key = _template_key(path, method, params)
+    """The presigned URL from a learned, still valid template, or None (botocore signs).
+
+    ``plain``: the caller already checked that ``path``'s key is plain.
+    """
+    if plain and method in _HTTP_METHODS and len(params) <= ("ContentType" in params):
+        cache_key: tuple[Any, ...] | None = (
+            path.partition("/")[0],
+            method,
+            ("ContentType",) if params else (),
+        )
+    else:
+        cache_key = _template_key(path, method, params)
     if cache_key is None:
         return None
-    try:
-        template = _templates.get(fs, {}).get(cache_key)
-    except TypeError:  # a filesystem that cannot be weakly referenced or hashed
-        return None
+    templates = _templates.get(fs)
+    template = templates.get(cache_key) if templates is not None else None
     if template is None or time.monotonic() > template.valid_until:
         return None
     amz_date = _amz_date(int(time.time()))
@@ -513,7 +641,7 @@ async def _learn_template(
             amz_date,
         )
         if again == signed:
-            _templates.setdefault(fs, {})[cache_key] = template
+            _templates.setdefault(fs, {})[cache_key] = template  # TypeError: never cached
     except Exception:
         return
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -264,10 +264,26 @@ class Preprocessor(ABC):
         """Make the guide image: ``H×W×3`` uint8 RGB in, ``H×W×3`` uint8 out, same size."""
 
     def process_batch(
-        self, images: list[np.ndarray], params: Mapping[str, Any], ctx: ProcessContext
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
     ) -> list[np.ndarray]:
-        """Several images with the same settings (model-based ones may batch the forward pass)."""
-        return [self.process(img, params, ctx) for img in images]
+        """Several images with the same settings, each with its own context (seed, meta).
+
+        The default runs :meth:`process` image by image; model-based preprocessors
+        override it to share forward passes (see :class:`BatchedPreprocessor`). The
+        contexts share one model store.
+        """
+        return [self.process(img, params, ctx) for img, ctx in zip(images, ctxs, strict=True)]
+
+    def batches(self, params: Mapping[str, Any]) -> bool:
+        """Whether :meth:`process_batch` shares forward passes between images for ``params``.
+
+        Callers group same-settings images only when it does: a ``process_batch`` that
+        loops would merely serialise, on one worker thread, work that could run in parallel.
+        """
+        return False
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description: settings, variants, models (for ``--help`` and docs)."""
@@ -278,6 +294,31 @@ class Preprocessor(ABC):
             "settings": {s.name: s.json_schema() for s in self.all_settings()},
             "models": {v: [m.name for m in self.models(v)] for v in self.variants},
         }
+
+
+class BatchedPreprocessor(Preprocessor):
+    """A preprocessor that implements :meth:`process_batch`; ``process`` is its batch of one.
+
+    One code path for one image or many, so a batched result can only differ from a
+    single one by what the network itself does with a batch.
+    """
+
+    def batches(self, params: Mapping[str, Any]) -> bool:
+        return True
+
+    def process(
+        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
+    ) -> np.ndarray:
+        return self.process_batch([image], params, [ctx])[0]
+
+    @abstractmethod
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
+        """One guide image per input image, in order (see :meth:`Preprocessor.process_batch`)."""
 
 
 P = TypeVar("P", bound=type[Preprocessor])

@@ -26,9 +26,16 @@ class PriceTable:
 
     classes: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_CLASS_PRICES))
     preprocessors: Mapping[str, float] = field(default_factory=dict)
+    _memo: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     def price(self, preprocessor: str) -> float:
         """The price of one guide image made by ``preprocessor`` (any accepted spelling)."""
+        value = self._memo.get(preprocessor)
+        if value is None:  # looked up once per spelling: budgets price every image
+            value = self._memo[preprocessor] = self._lookup(preprocessor)
+        return value
+
+    def _lookup(self, preprocessor: str) -> float:
         from engine import registry
 
         name = registry.canonical_name(preprocessor)

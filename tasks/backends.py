@@ -15,24 +15,34 @@ Both share one request path: validated :class:`~tasks.work.WorkItem` objects in,
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 
 from connectors import storage
 from engine import imageio
-from engine.api import Engine
+from engine.api import Engine, GuideImage, PreparedRequest
+from engine.models.onnx import batch_limit
 from guideflow import netguard
-from guideflow.errors import GuideflowError
+from guideflow.errors import GuideflowError, InvalidParameter
 from guideflow.pricing import PriceTable
-from guideflow.protocol import ErrorObject, PreprocessResult, PreprocessTask, new_task_uuid
+from guideflow.protocol import (
+    ErrorObject,
+    PreprocessResult,
+    StampedTask,
+    TaskTemplate,
+    new_task_uuid,
+)
 from tasks.work import Outcome, RunConfig, WorkItem
 
 #: Presigned upload URLs and guide images kept by the service live this long (s).
@@ -60,6 +70,10 @@ class LocalBackend:
 
     Items for the same input are read and decoded once. CPU work runs in a thread
     pool sized to the CPU count (OpenCV, ONNX Runtime and Pillow release the GIL).
+    Engine calls go through an :class:`_EngineQueue`, so items with the same
+    preprocessor and settings share forward passes (``Engine.run_batch``, up to
+    ``GUIDEFLOW_MAX_BATCH`` images) when they are waiting together: the items of one
+    ``run`` call, and items of concurrent calls that arrive while the workers are busy.
     """
 
     name = "local"
@@ -70,30 +84,34 @@ class LocalBackend:
         self.config = config
         self.engine = engine or Engine()
         self.prices = prices or PriceTable.load()
-        self._pool = ThreadPoolExecutor(max_workers=_cpu_workers(), thread_name_prefix="engine")
+        workers = _cpu_workers()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
+        self._queue = _EngineQueue(self.engine, self._pool, slots=workers)
         self._http: httpx.AsyncClient | None = None
 
     async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
-        by_image: dict[str, list[WorkItem]] = defaultdict(list)
-        for item in items:
-            by_image[item.input_uri].append(item)
-        groups = await asyncio.gather(*(self._run_image(g) for g in by_image.values()))
-        return [outcome for group in groups for outcome in group]
-
-    async def _run_image(self, items: list[WorkItem]) -> list[Outcome]:
-        loop = asyncio.get_running_loop()
+        uris = list(dict.fromkeys(item.input_uri for item in items))
         started = time.time()
+        decoded = await asyncio.gather(*(self._decode(uri) for uri in uris))
+        images = dict(zip(uris, decoded, strict=True))
+        return list(
+            await asyncio.gather(
+                *(self._run_item(item, images[item.input_uri], started) for item in items)
+            )
+        )
+
+    async def _decode(self, uri: str) -> np.ndarray | GuideflowError:
+        """The input as RGB, or the error every item of this input fails with."""
+        loop = asyncio.get_running_loop()
         try:
-            data = await self._read_input(items[0].input_uri)
-            rgb = await loop.run_in_executor(
+            data = await self._read_input(uri)
+            return await loop.run_in_executor(
                 self._pool, imageio.decode_image, data, self.engine.limits
             )
         except GuideflowError as exc:
-            return [Outcome.failed(item, exc, started=started) for item in items]
+            return exc
         except Exception as exc:  # never let one image fail its whole shard
-            error = _unexpected(exc)
-            return [Outcome.failed(item, error, started=started) for item in items]
-        return list(await asyncio.gather(*(self._run_item(item, rgb) for item in items)))
+            return _unexpected(exc)
 
     async def _read_input(self, uri: str) -> bytes:
         """The input's bytes: http(s) through the SSRF guard, anything else through fsspec.
@@ -115,8 +133,11 @@ class LocalBackend:
                 f"cannot read {netguard.redact_url(uri)}: {exc}", parameter="inputImage"
             ) from exc
 
-    async def _run_item(self, item: WorkItem, rgb: Any) -> Outcome:
-        loop = asyncio.get_running_loop()
+    async def _run_item(
+        self, item: WorkItem, rgb: np.ndarray | GuideflowError, read_started: float
+    ) -> Outcome:
+        if isinstance(rgb, GuideflowError):
+            return Outcome.failed(item, rgb, started=read_started)
         started = time.time()
         try:
             req = self.engine.prepare(
@@ -127,9 +148,7 @@ class LocalBackend:
                 output_format=item.output_format,
                 output_quality=item.output_quality,
             )
-            guide = await loop.run_in_executor(
-                self._pool, lambda: self.engine.run(req, rgb, task_uuid=item.task_uuid)
-            )
+            guide = await self._queue.run(req, rgb, item.task_uuid)
             await storage.write_bytes(item.output_uri, guide.data, content_type=item.content_type)
         except GuideflowError as exc:
             return Outcome.failed(item, exc, started=started)
@@ -154,6 +173,103 @@ class LocalBackend:
             self._http = None
 
 
+@dataclass
+class _Waiting:
+    """One image waiting for the engine."""
+
+    req: PreparedRequest
+    rgb: np.ndarray
+    task_uuid: str | None
+    future: asyncio.Future[GuideImage]
+
+
+class _EngineQueue:
+    """Runs engine requests in a thread pool, batching same-settings images that wait together.
+
+    Requests wait in arrival order. Whenever fewer than ``slots`` engine calls are
+    running, the oldest waiting request starts, together with up to ``max_batch - 1``
+    later ones with the same :attr:`~engine.api.PreparedRequest.batch_key` when its
+    preprocessor shares forward passes. A lone item therefore starts at once (nothing is
+    held back waiting for company), and items that queue up behind busy workers, or arrive
+    together, go through one ``Engine.run_batch`` call.
+    """
+
+    def __init__(
+        self, engine: Engine, pool: ThreadPoolExecutor, *, slots: int, max_batch: int | None = None
+    ) -> None:
+        self.engine = engine
+        self.pool = pool
+        self.slots = max(1, slots)
+        self.max_batch = max_batch or batch_limit()
+        self.waiting: list[_Waiting] = []
+        self.running: set[asyncio.Task[None]] = set()
+        self._drain_scheduled = False
+
+    async def run(self, req: PreparedRequest, rgb: np.ndarray, task_uuid: str | None) -> GuideImage:
+        """The guide image for ``rgb`` (raises its own error)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[GuideImage] = loop.create_future()
+        self.waiting.append(_Waiting(req, rgb, task_uuid, future))
+        if not self._drain_scheduled:  # after this tick, so items arriving together batch
+            self._drain_scheduled = True
+            loop.call_soon(self._drain)
+        return await future
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        self.waiting = [w for w in self.waiting if not w.future.done()]  # cancelled waiters
+        while self.waiting and len(self.running) < self.slots:
+            batch = self._take()
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self.running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _take(self) -> list[_Waiting]:
+        """The oldest waiting request and the later ones it may share a batch with."""
+        first = self.waiting.pop(0)
+        if self.max_batch < 2 or not first.req.batches:
+            return [first]
+        key = first.req.batch_key
+        batch, rest = [first], []
+        for waiting in self.waiting:
+            if len(batch) < self.max_batch and waiting.req.batch_key == key:
+                batch.append(waiting)
+            else:
+                rest.append(waiting)
+        self.waiting = rest
+        return batch
+
+    async def _run(self, batch: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        call = partial(
+            self.engine.run_batch,
+            batch[0].req,
+            [w.rgb for w in batch],
+            [w.task_uuid for w in batch],
+        )
+        try:
+            results = await loop.run_in_executor(self.pool, call)
+        except asyncio.CancelledError:
+            for waiting in batch:
+                waiting.future.cancel()
+            raise
+        except Exception as exc:  # the pool was shut down
+            results = [exc] * len(batch)
+        for waiting, result in zip(batch, results, strict=True):
+            if waiting.future.done():
+                continue
+            if isinstance(result, Exception):
+                waiting.future.set_exception(result)
+            else:
+                waiting.future.set_result(result)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        if self.waiting and not self._drain_scheduled:
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+
 def _unexpected(exc: Exception) -> GuideflowError:
     """An unexpected exception as the item's ``internalError`` (recorded, retried next run)."""
     return GuideflowError(f"{type(exc).__name__}: {exc}", code="internalError")
@@ -174,47 +290,59 @@ class HttpBackend:
         self.config = config
         self.client = client
         self.prices = prices or PriceTable.load()
+        self._fs: Any = None
+        self._templates: dict[tuple[str, str, bool], TaskTemplate] = {}
 
     async def run(self, items: Sequence[WorkItem]) -> list[Outcome]:
         started = time.time()
-        refs: dict[str, str | GuideflowError] = {}
         uses: dict[str, int] = defaultdict(int)
         for item in items:
             uses[item.input_uri] += 1
-        await asyncio.gather(*(self._image_ref(uri, uses[uri], refs) for uri in uses))
-        tasks: list[PreprocessTask] = []
-        sendable: list[WorkItem] = []
-        outcomes: dict[int, Outcome] = {}
+        refs = await self._image_refs(uses)
+        out: list[Outcome | None] = [None] * len(items)
+        tasks: list[StampedTask] = []
+        sent: list[tuple[int, WorkItem, str]] = []
         for index, item in enumerate(items):
             ref = refs[item.input_uri]
             if isinstance(ref, GuideflowError):
-                outcomes[index] = Outcome.failed(item, ref, started=started)
+                out[index] = Outcome.failed(item, ref, started=started)
                 continue
             # A fresh taskUUID per task sent (the ledger records it): Runware wants each
             # task's UUID unique, and guideflow serve answers a known taskUUID carrying a
             # different payload (new presigned URLs, a new upload UUID: every re-run, forced
             # run or shard retry) with conflictTaskUUID. The client's own retries re-send
             # the same task object, so a lost response is still replayed, not redone.
-            item = replace(item, task_uuid=new_task_uuid())
+            task_uuid = new_task_uuid()
             try:
-                tasks.append(await self._task(item, ref))
+                tasks.append(await self._task(item, ref, task_uuid))
             except GuideflowError as exc:
-                outcomes[index] = Outcome.failed(item, exc, started=started)
+                out[index] = Outcome.failed(item, exc, started=started, task_uuid=task_uuid)
                 continue
-            sendable.append(item)
+            sent.append((index, item, task_uuid))
         try:
             results = await self.client.preprocess_many(tasks) if tasks else []
         except Exception as exc:  # retries exhausted for the whole batch: every task failed
             results = [exc] * len(tasks)
-        finished_items = iter(zip(sendable, results, strict=True))
-        out: list[Outcome] = []
-        for index in range(len(items)):
-            if index in outcomes:
-                out.append(outcomes[index])
-                continue
-            sent, result = next(finished_items)
-            out.append(await self._outcome(sent, result, started))
-        return out
+        for (index, item, task_uuid), result in zip(sent, results, strict=True):
+            out[index] = await self._outcome(item, task_uuid, result, started)
+        return [o for o in out if o is not None]
+
+    async def _image_refs(self, uses: dict[str, int]) -> dict[str, str | GuideflowError]:
+        """Every input's reference for the service (see :meth:`_image_ref`).
+
+        Presigning and passing URLs on need no I/O once a signing template is learned, so
+        those are awaited one by one (no task per image); reads and uploads run together.
+        """
+        refs: dict[str, str | GuideflowError] = {}
+        slow: list[str] = []
+        for uri, count in uses.items():
+            if count == 1 and (storage.is_s3(uri) or _is_http(uri)):
+                await self._image_ref(uri, 1, refs)
+            else:
+                slow.append(uri)
+        if slow:
+            await asyncio.gather(*(self._image_ref(uri, uses[uri], refs) for uri in slow))
+        return refs
 
     async def _image_ref(self, uri: str, uses: int, refs: dict[str, str | GuideflowError]) -> None:
         """How the service gets the input: presigned GET, the URL itself, or bytes; uploaded
@@ -222,8 +350,10 @@ class HttpBackend:
         own SSRF policy), and connectors.storage refuses them."""
         try:
             if storage.is_s3(uri):
-                ref = await storage.presign_get(uri, expires=self.config.presign_expiry_s)
-            elif urlsplit(uri).scheme.lower() in ("http", "https"):
+                ref = await storage.presign_get(
+                    uri, expires=self.config.presign_expiry_s, fs=self._s3fs()
+                )
+            elif _is_http(uri):
                 ref = uri
             else:
                 data = await storage.read_bytes(uri, max_bytes=imageio.DEFAULT_LIMITS.max_bytes)
@@ -237,7 +367,35 @@ class HttpBackend:
         except Exception as exc:  # the client's typed errors carry a Runware code
             refs[uri] = _as_guideflow_error(exc)
 
-    async def _task(self, item: WorkItem, image_ref: str) -> PreprocessTask:
+    def _s3fs(self) -> Any:
+        """The S3 filesystem that signs URLs, resolved once per backend."""
+        if self._fs is None:
+            self._fs = storage.default_s3_fs()
+        return self._fs
+
+    async def _task(self, item: WorkItem, image_ref: str, task_uuid: str) -> StampedTask:
+        """The task for ``item``: its (preprocessor, settings) template, stamped."""
+        to_s3 = storage.is_s3(item.output_uri)
+        key = (item.preprocessor, item.settings_hash, to_s3)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = self._template(item, to_s3)
+        upload = None
+        if to_s3:
+            upload = await storage.presign_put(
+                item.output_uri,
+                content_type=self._content_type(item.output_format),
+                expires=self.config.presign_expiry_s,
+                fs=self._s3fs(),
+            )
+        return template.stamp(task_uuid, image_ref, upload)
+
+    @staticmethod
+    @functools.cache
+    def _content_type(output_format: str) -> str:
+        return imageio.content_type(output_format)
+
+    def _template(self, item: WorkItem, to_s3: bool) -> TaskTemplate:
         fields: dict[str, Any] = {
             "width": item.width,
             "height": item.height,
@@ -245,27 +403,26 @@ class HttpBackend:
             "outputQuality": item.output_quality,
             "includeCost": True,
         }
-        if storage.is_s3(item.output_uri):
-            fields["uploadEndpoint"] = await storage.presign_put(
-                item.output_uri,
-                content_type=item.content_type,
-                expires=self.config.presign_expiry_s,
-            )
+        if to_s3:
             fields["outputType"] = "URL"
             fields["ttl"] = SERVICE_TTL_S
         else:
             fields["outputType"] = "base64Data"
-        return PreprocessTask.build(
-            item.preprocessor,
-            image_ref,
-            settings=item.settings or None,
-            task_uuid=item.task_uuid,
-            **{k: v for k, v in fields.items() if v is not None},
-        )
+        try:
+            return TaskTemplate.build(
+                item.preprocessor,
+                settings=item.settings or None,
+                **{k: v for k, v in fields.items() if v is not None},
+            )
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise InvalidParameter(f"cannot build the task: {exc}") from exc
 
-    async def _outcome(self, item: WorkItem, result: Any, started: float) -> Outcome:
+    async def _outcome(
+        self, item: WorkItem, task_uuid: str, result: Any, started: float
+    ) -> Outcome:
         if not isinstance(result, PreprocessResult):
-            return Outcome.failed(item, _as_error_object(result), started=started)
+            error = _as_error_object(result)
+            return Outcome.failed(item, error, started=started, task_uuid=task_uuid)
         try:
             if not storage.is_s3(item.output_uri):
                 data = result.guide_bytes()
@@ -275,22 +432,30 @@ class HttpBackend:
                     )
                 await storage.write_bytes(item.output_uri, data, content_type=item.content_type)
         except GuideflowError as exc:
-            return Outcome.failed(item, exc, started=started)
+            return Outcome.failed(item, exc, started=started, task_uuid=task_uuid)
         finished = time.time()
         cost = result.cost if result.cost is not None else self.prices.price(item.preprocessor)
         return Outcome(
             status="success",
             item=item,
+            task_uuid=task_uuid,
             guide_image_uuid=result.guideImageUUID,
             cost_usd=float(cost),
             latency_ms=(finished - started) * 1000,
             started_at=started,
             finished_at=finished,
-            method=getattr(result, "method", None),
+            method=(result.model_extra or {}).get("method"),
         )
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _is_http(uri: str) -> bool:
+    scheme, colon, _ = uri.partition(":")
+    if colon and scheme.isalnum() and scheme.isascii():  # the usual case, without urlsplit
+        return scheme.lower() in ("http", "https")
+    return urlsplit(uri).scheme.lower() in ("http", "https")
 
 
 def _as_data_uri(data: bytes) -> str:

@@ -38,9 +38,15 @@ def spy_feeds(monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[dict[str, np
     """Patch session loading; the returned callable lists the feeds seen so far, in order."""
     feeds: list[dict[str, np.ndarray]] = []
     original = onnx_mod.load_session
+    wrappers: dict[int, tuple[Any, RecordingSession]] = {}
 
     def load(path: Path) -> RecordingSession:
-        return RecordingSession(original(path), feeds)
+        # one wrapper per real (cached, shared) session, so the wrapper's identity is as
+        # stable as the session's (the engine remembers per session which cannot batch)
+        session = original(path)
+        if id(session) not in wrappers:
+            wrappers[id(session)] = (session, RecordingSession(session, feeds))
+        return wrappers[id(session)][1]
 
     monkeypatch.setattr(onnx_mod, "load_session", load)
     return lambda: list(feeds)

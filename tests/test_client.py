@@ -23,12 +23,15 @@ import logging
 import pickle
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -45,7 +48,13 @@ from connectors.runware import (
     error_from,
     parse_retry_after,
 )
-from guideflow.protocol import ErrorObject, PreprocessResult, PreprocessTask, stable_task_uuid
+from guideflow.protocol import (
+    ErrorObject,
+    PingTask,
+    PreprocessResult,
+    PreprocessTask,
+    stable_task_uuid,
+)
 
 API_KEY = "rw-test-key-0123456789abcdef"
 
@@ -695,10 +704,10 @@ async def test_get_response_returns_items_and_errors() -> None:
 async def test_api_key_is_sent_as_bearer_and_never_shown_or_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Header sent; not in repr/str; not in any log record at DEBUG (httpx/httpcore
-    included), nor in an exception message even when the server echoes the key back."""
+    """Header sent; not in repr/str; not in any log record at DEBUG (aiohttp, httpx and
+    httpcore included), nor in an exception message even when the server echoes it back."""
     caplog.set_level(logging.DEBUG)
-    for name in ("httpx", "httpcore", "connectors.runware"):
+    for name in ("aiohttp", "httpx", "httpcore", "connectors.runware"):
         logging.getLogger(name).setLevel(logging.DEBUG)
     ft = FakeTime()
     echo = {"errors": [{"code": "invalidApiKey", "message": f"key {API_KEY} is not valid"}]}
@@ -721,7 +730,7 @@ async def test_api_key_is_sent_as_bearer_and_never_shown_or_logged(
     for err in (auth.value, not_found.value):
         assert API_KEY not in str(err) and API_KEY not in repr(err.error)
         assert "***" in str(err)
-    assert any("HTTP Request" in r.getMessage() for r in caplog.records)  # httpx did log
+    assert any(r.getMessage().startswith("POST ") for r in caplog.records)  # DEBUG was on
     assert API_KEY not in caplog.text
 
 
@@ -1022,3 +1031,79 @@ async def test_live_over_capacity_429_is_retried_after_retry_after(
             out = await client.preprocess_many(tasks)
     assert all(isinstance(o, PreprocessResult) for o in out)
     assert waits and all(w >= 1.0 for w in waits)
+
+
+# ============================================================================================
+# The wire: aiohttp by default, httpx with a transport of one's own
+# ============================================================================================
+
+
+@pytest.mark.parametrize("wire", ["aiohttp", "httpx"])
+async def test_both_wires_send_the_same_request_and_map_failures_alike(wire: str) -> None:
+    """The default aiohttp wire and the httpx one (taken when a transport is given; here a
+    real network transport) send the same headers and body, retry a 503 and a dropped
+    connection, read a truncated body as retryable ``invalidResponse``, and name a refused
+    connection ``connectionError``."""
+    from connectors.http_wire import AiohttpWire, HttpxWire
+
+    kw: dict[str, Any] = {"transport": httpx.AsyncHTTPTransport()} if wire == "httpx" else {}
+    ft = FakeTime()
+    ok = Reply(200, {"data": [{"taskType": "ping", "pong": True}]})
+    with scripted(Reply(503, {"errors": []}), Drop(), Truncated(), ok) as srv:
+        async with client_for(srv.url, ft, max_retries=3, **kw) as client:
+            assert isinstance(client._http, AiohttpWire if wire == "aiohttp" else HttpxWire)
+            response = await client.send([PingTask()])
+    assert response.data == [{"taskType": "ping", "pong": True}]
+    assert len(srv.requests) == 4 and len(ft.sleeps) == 3
+    first = srv.requests[0]
+    assert first.headers["authorization"] == f"Bearer {API_KEY}"
+    assert first.headers["content-type"] == "application/json"
+    assert first.headers["user-agent"].startswith("guideflow/")
+    assert first.body == [{"taskType": "ping", "ping": True}]
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    closed_url = f"http://127.0.0.1:{port.getsockname()[1]}/v1"
+    port.close()
+    async with client_for(closed_url, FakeTime(), max_retries=0, **kw) as client:
+        with pytest.raises(RunwareConnectionError) as refused:
+            await client.send([PingTask()])
+    assert refused.value.code == "connectionError" and refused.value.retryable
+
+
+def test_aiohttp_wire_times_out_and_serves_a_new_event_loop() -> None:
+    """A slow answer is ``requestTimeout``; a client first used under one event loop
+    still works under the next (its session belongs to the loop that made it)."""
+
+    def slow(_: list[dict[str, Any]]) -> Action:
+        time.sleep(1.5)
+        return Reply(200, {"data": []})
+
+    def in_new_loop(coro: Any) -> Any:  # a fresh thread, so a fresh loop, each time
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coro).result()
+
+    with scripted(handler=slow) as srv:
+        client = client_for(srv.url, FakeTime(), max_retries=0, timeout=0.5)
+        with pytest.raises(RunwareTimeout) as late:
+            in_new_loop(client.send([PingTask()]))
+        assert late.value.code == "requestTimeout"
+        srv.handler = lambda _: Reply(200, {"data": [{"taskType": "ping", "pong": True}]})
+        assert in_new_loop(client.send([PingTask()])).data[0]["pong"] is True
+        in_new_loop(client.aclose())
+    assert client._http.is_closed
+
+
+def test_proxies_come_from_the_environment_like_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    from connectors.http_wire import env_proxy
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    assert env_proxy("https://api.runware.ai/v1") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1,.corp")
+    assert env_proxy("https://api.runware.ai/v1") == "http://proxy.internal:3128"
+    assert env_proxy("http://api.runware.ai/v1") is None  # no HTTP_PROXY
+    assert env_proxy("https://127.0.0.1:8000/v1") is None
+    assert env_proxy("https://gpu.corp/v1") is None

@@ -20,6 +20,7 @@ several shards and the module stays fast.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import logging
@@ -453,6 +454,46 @@ def test_forced_rerun_sends_new_task_uuids(
     assert len(sent) == 6 and len(set(sent)) == 6
     frame = ledger_mod.read_ledger(job["ledger"])
     assert sorted(frame["task_uuid"]) == sorted(sent)  # the ledger names what was sent
+
+
+def test_shards_on_the_flow_loop_share_clients_and_the_collector_is_restored(
+    s3: Any,
+    job: dict[str, str],
+    recorder: Recorder,
+    endpoint: str,
+    api_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three one-image shards, at most two in flight: at most two clients are ever made
+    (finished shards hand theirs on) and all are closed; the flow leaves the garbage
+    collector as it found it (nothing frozen, the same thresholds)."""
+    from tasks import shard as shard_mod
+
+    made: list[Any] = []
+    real_make = shard_mod.make_backend
+
+    async def counting_make(config: Any) -> Any:
+        backend = await real_make(config)
+        made.append(backend)
+        return backend
+
+    monkeypatch.setattr(shard_mod, "make_backend", counting_make)
+    thresholds = gc.get_threshold()
+    summary = summary_of(
+        run_flow(
+            manifest=job["manifest"],
+            preprocessors=["canny"],
+            output=job["output"],
+            ledger=job["ledger"],
+            endpoint=endpoint,
+            shard_size=1,
+            max_shards_in_flight=2,
+        )
+    )
+    assert (summary.shards, summary.success) == (3, 3)
+    assert 1 <= len(made) <= 2
+    assert all(b.client._http.is_closed for b in made)
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
 
 
 # -- 4. a failed upload is an error row, never a success -----------------------------------

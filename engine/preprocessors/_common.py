@@ -81,15 +81,6 @@ def static_input_hw(session: Any) -> tuple[int, int] | None:
     return None
 
 
-def run_single_output(session: Any, x: np.ndarray) -> np.ndarray:
-    """Feed ``x`` to the graph's first input (cast to its float type), return its first output."""
-    inp = session.get_inputs()[0]
-    if inp.type == "tensor(float16)":
-        x = x.astype(np.float16)
-    (out,) = session.run([session.get_outputs()[0].name], {inp.name: x})
-    return np.asarray(out, dtype=np.float32)
-
-
 def single_plane(out: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """``[1,H,W]`` or ``[1,1,H,W]`` output → ``H×W`` float32; other shapes: ``modelCorrupt``."""
     if out.ndim < 2 or int(np.prod(out.shape[:-2])) != 1 or 0 in out.shape[-2:]:

@@ -21,19 +21,21 @@ surface is white and the farthest black, as in ControlNet — and repeated on 3 
 A constant map (a blank wall, a flat colour) has no depth range and becomes all black
 instead of dividing by zero.
 
-:func:`estimate_depth` is shared with ``normalbae``, which derives surface normals from
-this depth when no normal model is configured.
+:func:`estimate_depths` is shared with ``normalbae``, which derives surface normals from
+this depth when no normal model is configured. Several images run as one batch where
+their network inputs have the same size (always for MiDaS's fixed 384×384; for Depth
+Anything, images of the same aspect ratio), as long as the graph's batch dim is dynamic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
-from engine.models.onnx import session_for
+from engine.models.onnx import map_batched, session_for
 from engine.models.store import ModelSpec
 from engine.preprocessors._common import (
     IMAGENET_MEAN,
@@ -41,13 +43,12 @@ from engine.preprocessors._common import (
     fit_size,
     gray_to_rgb,
     resize,
-    run_single_output,
     single_plane,
     static_input_hw,
     to_nchw,
     to_uint8,
 )
-from engine.registry import Preprocessor, ProcessContext, register
+from engine.registry import BatchedPreprocessor, ProcessContext, register
 
 DEPTH_ANYTHING_V2 = ModelSpec(
     name="depth_anything_v2_small",
@@ -128,23 +129,41 @@ def depth_input(rgb: np.ndarray, variant: str, session: Any) -> np.ndarray:
     return to_nchw(small, scale=1.0 / 255.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def estimate_depth(rgb: np.ndarray, variant: str, ctx: ProcessContext) -> np.ndarray:
-    """Relative inverse depth of ``rgb`` (larger = nearer), ``H×W`` float32 at ``rgb``'s size.
+def estimate_depths(
+    rgbs: Sequence[np.ndarray], variant: str, ctxs: Sequence[ProcessContext]
+) -> list[np.ndarray]:
+    """Relative inverse depth (larger = nearer) of each image, ``H×W`` float32 at its size.
 
-    Records the model and the size it ran at in ``ctx.meta`` (``depthModel``,
-    ``depthDetectSize``).
+    Images whose network inputs have the same size share forward passes
+    (:func:`~engine.models.onnx.map_batched`). Records the model and the size it ran at in
+    each context's meta (``depthModel``, ``depthDetectSize``).
     """
     spec = depth_spec(variant)
-    session = session_for(spec, ctx.models)
-    x = depth_input(rgb, variant, session)
-    depth = single_plane(run_single_output(session, x), spec)
-    depth = np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0)
-    ctx.meta["depthModel"] = spec.name
-    ctx.meta["depthDetectSize"] = [int(x.shape[3]), int(x.shape[2])]
-    h, w = rgb.shape[:2]
-    if depth.shape != (h, w):
-        depth = cv2.resize(depth, (w, h), interpolation=cv2.INTER_LINEAR)
-    return depth
+    session = session_for(spec, ctxs[0].models)
+
+    def finish(item: tuple[np.ndarray, ProcessContext], x: np.ndarray, outs: list[Any]) -> Any:
+        rgb, ctx = item
+        depth = single_plane(np.asarray(outs[0], dtype=np.float32), spec)
+        depth = np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0)
+        ctx.meta["depthModel"] = spec.name
+        ctx.meta["depthDetectSize"] = [int(x.shape[3]), int(x.shape[2])]
+        h, w = rgb.shape[:2]
+        if depth.shape != (h, w):
+            depth = cv2.resize(depth, (w, h), interpolation=cv2.INTER_LINEAR)
+        return depth
+
+    return map_batched(
+        session,
+        list(zip(rgbs, ctxs, strict=True)),
+        lambda item: depth_input(item[0], variant, session),
+        finish,
+        output_names=[session.get_outputs()[0].name],
+    )
+
+
+def estimate_depth(rgb: np.ndarray, variant: str, ctx: ProcessContext) -> np.ndarray:
+    """:func:`estimate_depths` of one image."""
+    return estimate_depths([rgb], variant, [ctx])[0]
 
 
 def normalize_depth(depth: np.ndarray) -> np.ndarray:
@@ -157,7 +176,7 @@ def normalize_depth(depth: np.ndarray) -> np.ndarray:
 
 
 @register
-class Depth(Preprocessor):
+class Depth(BatchedPreprocessor):
     """Relative depth map: Depth Anything V2 Small by default, or MiDaS DPT-Hybrid."""
 
     name = "depth"
@@ -168,9 +187,12 @@ class Depth(Preprocessor):
     def models(self, variant: str) -> tuple[ModelSpec, ...]:
         return (depth_spec(variant),)
 
-    def process(
-        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
-    ) -> np.ndarray:
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
         variant = params.get("variant", self.default_variant)
-        depth = estimate_depth(image, variant, ctx)
-        return gray_to_rgb(to_uint8(normalize_depth(depth)))
+        depths = estimate_depths(images, variant, ctxs)
+        return [gray_to_rgb(to_uint8(normalize_depth(depth))) for depth in depths]

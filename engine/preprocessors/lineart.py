@@ -21,25 +21,24 @@ to the output size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
-from engine.models.onnx import session_for
+from engine.models.onnx import map_batched, session_for
 from engine.models.store import ModelSpec
 from engine.preprocessors._classical import lineart_standard
 from engine.preprocessors._common import (
     fit_size,
     gray_to_rgb,
     resize,
-    run_single_output,
     single_plane,
     to_nchw,
     to_uint8,
 )
-from engine.registry import Preprocessor, ProcessContext, Setting, register
+from engine.registry import BatchedPreprocessor, ProcessContext, Setting, register
 from guideflow.errors import InvalidParameter
 
 _REPO = "deepghs/imgutils-models"
@@ -101,23 +100,39 @@ def lineart_spec(variant: str) -> ModelSpec:
     return globals()[_VARIANT_SPECS[variant]]
 
 
-def model_lines(rgb: np.ndarray, variant: str, ctx: ProcessContext) -> np.ndarray:
-    """White-on-black line strength in [0, 1] (``H×W`` float32) from the ``variant`` network."""
+def model_lines(
+    rgbs: Sequence[np.ndarray], variant: str, ctxs: Sequence[ProcessContext]
+) -> list[np.ndarray]:
+    """White-on-black line strength in [0, 1] (``H×W`` float32) per image, from ``variant``.
+
+    Images with the same detect size share forward passes.
+    """
     spec = lineart_spec(variant)
-    session = session_for(spec, ctx.models)
-    h, w = rgb.shape[:2]
-    dw, dh = fit_size(w, h, DETECT_RESOLUTION, DETECT_MULTIPLE, MAX_DETECT_SIDE)
-    x = to_nchw(resize(rgb, dw, dh), scale=1.0 / 255.0)
-    drawing = single_plane(run_single_output(session, x), spec).clip(0.0, 1.0)
-    ctx.meta["model"] = spec.name
-    ctx.meta["detectSize"] = [dw, dh]
-    if drawing.shape != (h, w):
-        drawing = cv2.resize(drawing, (w, h), interpolation=cv2.INTER_LINEAR)
-    return 1.0 - drawing.clip(0.0, 1.0)
+    session = session_for(spec, ctxs[0].models)
+
+    def prepare(item: tuple[np.ndarray, ProcessContext]) -> np.ndarray:
+        h, w = item[0].shape[:2]
+        dw, dh = fit_size(w, h, DETECT_RESOLUTION, DETECT_MULTIPLE, MAX_DETECT_SIDE)
+        return to_nchw(resize(item[0], dw, dh), scale=1.0 / 255.0)
+
+    def finish(item: tuple[np.ndarray, ProcessContext], x: np.ndarray, outs: list[Any]) -> Any:
+        rgb, ctx = item
+        drawing = single_plane(np.asarray(outs[0], dtype=np.float32), spec).clip(0.0, 1.0)
+        ctx.meta["model"] = spec.name
+        ctx.meta["detectSize"] = [int(x.shape[3]), int(x.shape[2])]
+        h, w = rgb.shape[:2]
+        if drawing.shape != (h, w):
+            drawing = cv2.resize(drawing, (w, h), interpolation=cv2.INTER_LINEAR)
+        return 1.0 - drawing.clip(0.0, 1.0)
+
+    items = list(zip(rgbs, ctxs, strict=True))
+    return map_batched(
+        session, items, prepare, finish, output_names=[session.get_outputs()[0].name]
+    )
 
 
 @register
-class Lineart(Preprocessor):
+class Lineart(BatchedPreprocessor):
     """Line art: informative-drawings (realistic / coarse) or the classical standard method."""
 
     name = "lineart"
@@ -168,19 +183,28 @@ class Lineart(Preprocessor):
                 parameter=given[0],
             )
 
-    def process(
-        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
-    ) -> np.ndarray:
+    def batches(self, params: Mapping[str, Any]) -> bool:
+        return params.get("variant", self.default_variant) != "standard"
+
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
         variant = params.get("variant", self.default_variant)
         if variant == "standard":
-            sigma = params.get("gaussianSigma")
-            threshold = params.get("intensityThreshold")
-            lines = lineart_standard(
-                image,
-                gaussian_sigma=DEFAULT_GAUSSIAN_SIGMA if sigma is None else sigma,
-                intensity_threshold=(
-                    DEFAULT_INTENSITY_THRESHOLD if threshold is None else threshold
-                ),
-            )
-            return gray_to_rgb(lines)
-        return gray_to_rgb(to_uint8(model_lines(image, variant, ctx)))
+            return [self._standard(image, params) for image in images]
+        return [gray_to_rgb(to_uint8(lines)) for lines in model_lines(images, variant, ctxs)]
+
+    @staticmethod
+    def _standard(image: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
+        """The classical ``lineart_standard`` (no model)."""
+        sigma = params.get("gaussianSigma")
+        threshold = params.get("intensityThreshold")
+        lines = lineart_standard(
+            image,
+            gaussian_sigma=DEFAULT_GAUSSIAN_SIGMA if sigma is None else sigma,
+            intensity_threshold=DEFAULT_INTENSITY_THRESHOLD if threshold is None else threshold,
+        )
+        return gray_to_rgb(lines)

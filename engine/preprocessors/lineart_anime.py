@@ -15,24 +15,23 @@ inverted, giving white lines on black.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
-from engine.models.onnx import session_for
+from engine.models.onnx import map_batched, session_for
 from engine.models.store import ModelSpec
 from engine.preprocessors._common import (
     fit_size,
     gray_to_rgb,
     resize,
-    run_single_output,
     single_plane,
     to_nchw,
     to_uint8,
 )
-from engine.registry import Preprocessor, ProcessContext, register
+from engine.registry import BatchedPreprocessor, ProcessContext, register
 
 LINEART_ANIME = ModelSpec(
     name="lineart_anime",
@@ -71,23 +70,37 @@ def unet_size(width: int, height: int) -> tuple[int, int]:
     )
 
 
-def anime_lines(rgb: np.ndarray, ctx: ProcessContext) -> np.ndarray:
-    """White-on-black line strength in [0, 1] (``H×W`` float32) for ``rgb``."""
+def anime_lines(rgbs: Sequence[np.ndarray], ctxs: Sequence[ProcessContext]) -> list[np.ndarray]:
+    """White-on-black line strength in [0, 1] (``H×W`` float32) per image.
+
+    Images with the same U-Net input size share forward passes.
+    """
     spec = LINEART_ANIME
-    session = session_for(spec, ctx.models)
-    h, w = rgb.shape[:2]
-    uw, uh = unet_size(w, h)
-    x = to_nchw(resize(rgb, uw, uh), scale=1.0 / 127.5, mean=(1.0, 1.0, 1.0))
-    drawing = (single_plane(run_single_output(session, x), spec) + 1.0) * 0.5
-    ctx.meta["model"] = spec.name
-    ctx.meta["detectSize"] = [uw, uh]
-    if drawing.shape != (h, w):
-        drawing = cv2.resize(drawing, (w, h), interpolation=cv2.INTER_CUBIC)
-    return 1.0 - drawing.clip(0.0, 1.0)
+    session = session_for(spec, ctxs[0].models)
+
+    def prepare(item: tuple[np.ndarray, ProcessContext]) -> np.ndarray:
+        h, w = item[0].shape[:2]
+        uw, uh = unet_size(w, h)
+        return to_nchw(resize(item[0], uw, uh), scale=1.0 / 127.5, mean=(1.0, 1.0, 1.0))
+
+    def finish(item: tuple[np.ndarray, ProcessContext], x: np.ndarray, outs: list[Any]) -> Any:
+        rgb, ctx = item
+        drawing = (single_plane(np.asarray(outs[0], dtype=np.float32), spec) + 1.0) * 0.5
+        ctx.meta["model"] = spec.name
+        ctx.meta["detectSize"] = [int(x.shape[3]), int(x.shape[2])]
+        h, w = rgb.shape[:2]
+        if drawing.shape != (h, w):
+            drawing = cv2.resize(drawing, (w, h), interpolation=cv2.INTER_CUBIC)
+        return 1.0 - drawing.clip(0.0, 1.0)
+
+    items = list(zip(rgbs, ctxs, strict=True))
+    return map_batched(
+        session, items, prepare, finish, output_names=[session.get_outputs()[0].name]
+    )
 
 
 @register
-class LineartAnime(Preprocessor):
+class LineartAnime(BatchedPreprocessor):
     """Anime line art from ControlNet 1.1's lineart_anime U-Net."""
 
     name = "lineart_anime"
@@ -97,7 +110,10 @@ class LineartAnime(Preprocessor):
     def models(self, variant: str) -> tuple[ModelSpec, ...]:
         return (LINEART_ANIME,)
 
-    def process(
-        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
-    ) -> np.ndarray:
-        return gray_to_rgb(to_uint8(anime_lines(image, ctx)))
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
+        return [gray_to_rgb(to_uint8(lines)) for lines in anime_lines(images, ctxs)]

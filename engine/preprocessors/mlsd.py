@@ -22,16 +22,16 @@ keeps every line exactly 1 px wide and pure white at any output size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
-from engine.models.onnx import session_for
+from engine.models.onnx import map_batched, session_for
 from engine.models.store import ModelSpec, ModelStore
 from engine.preprocessors._common import gray_to_rgb, resize
-from engine.registry import Preprocessor, ProcessContext, Setting, register
+from engine.registry import BatchedPreprocessor, ProcessContext, Setting, register
 from guideflow.errors import ModelCorrupt
 
 MLSD_TINY = ModelSpec(
@@ -105,33 +105,49 @@ def draw_lines(lines: np.ndarray, width: int, height: int) -> np.ndarray:
     return canvas
 
 
+def detect_lines_batch(
+    rgbs: Sequence[np.ndarray],
+    score_threshold: float,
+    distance_threshold: float,
+    store: ModelStore | None,
+) -> list[np.ndarray]:
+    """Run M-LSD tiny on each image; its kept segments in 512 space (``N×4``) per image.
+
+    Every image is resized to 512×512, so all of them can share forward passes.
+    """
+    spec = MLSD_TINY
+    session = session_for(spec, store)
+
+    def finish(rgb: np.ndarray, x: np.ndarray, outs: list[Any]) -> np.ndarray:
+        centres, scores, displacement = outs
+        try:
+            return decode_lines(
+                np.asarray(centres).reshape(-1, 2),
+                np.asarray(scores).reshape(-1),
+                np.asarray(displacement).reshape(GRID_SIZE, GRID_SIZE, 4),
+                score_threshold,
+                distance_threshold,
+            )
+        except ValueError as exc:  # wrong output shapes: not the documented model
+            raise ModelCorrupt(
+                f"'{spec.name}' returned outputs of unexpected shape: {exc}", parameter="model"
+            ) from exc
+
+    return map_batched(session, list(rgbs), mlsd_input, finish)
+
+
 def detect_lines(
     rgb: np.ndarray,
     score_threshold: float,
     distance_threshold: float,
     store: ModelStore | None,
 ) -> np.ndarray:
-    """Run M-LSD tiny on ``rgb`` and return its kept segments in 512 space (``N×4``)."""
-    spec = MLSD_TINY
-    session = session_for(spec, store)
-    feeds = {session.get_inputs()[0].name: mlsd_input(rgb)}
-    centres, scores, displacement = session.run(None, feeds)
-    try:
-        return decode_lines(
-            np.asarray(centres).reshape(-1, 2),
-            np.asarray(scores).reshape(-1),
-            np.asarray(displacement).reshape(GRID_SIZE, GRID_SIZE, 4),
-            score_threshold,
-            distance_threshold,
-        )
-    except ValueError as exc:  # wrong output shapes: not the documented model
-        raise ModelCorrupt(
-            f"'{spec.name}' returned outputs of unexpected shape: {exc}", parameter="model"
-        ) from exc
+    """:func:`detect_lines_batch` of one image."""
+    return detect_lines_batch([rgb], score_threshold, distance_threshold, store)[0]
 
 
 @register
-class MLSD(Preprocessor):
+class MLSD(BatchedPreprocessor):
     """M-LSD straight lines, white 1-px segments on black."""
 
     name = "mlsd"
@@ -162,16 +178,22 @@ class MLSD(Preprocessor):
     def models(self, variant: str) -> tuple[ModelSpec, ...]:
         return (MLSD_TINY,)
 
-    def process(
-        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
-    ) -> np.ndarray:
-        lines = detect_lines(
-            image,
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
+        found = detect_lines_batch(
+            images,
             float(params.get("scoreThreshold", 0.1)),
             float(params.get("distanceThreshold", 0.1)),
-            ctx.models,
+            ctxs[0].models,
         )
-        ctx.meta["model"] = MLSD_TINY.name
-        ctx.meta["lines"] = len(lines)
-        h, w = image.shape[:2]
-        return gray_to_rgb(draw_lines(lines, w, h))
+        out = []
+        for image, lines, ctx in zip(images, found, ctxs, strict=True):
+            ctx.meta["model"] = MLSD_TINY.name
+            ctx.meta["lines"] = len(lines)
+            h, w = image.shape[:2]
+            out.append(gray_to_rgb(draw_lines(lines, w, h)))
+        return out

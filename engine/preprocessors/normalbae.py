@@ -33,13 +33,13 @@ tilt independent of the depth model and of the image size.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
-from engine.models.onnx import session_for
+from engine.models.onnx import map_batched, session_for
 from engine.models.store import ModelSpec
 from engine.preprocessors import depth as depth_module
 from engine.preprocessors._common import (
@@ -47,11 +47,10 @@ from engine.preprocessors._common import (
     IMAGENET_STD,
     fit_size,
     resize,
-    run_single_output,
     static_input_hw,
     to_nchw,
 )
-from engine.registry import Preprocessor, ProcessContext, register
+from engine.registry import BatchedPreprocessor, ProcessContext, register
 from guideflow.errors import ModelCorrupt, ModelUnavailable
 
 NORMALBAE = ModelSpec(
@@ -123,33 +122,49 @@ def normalbae_input(rgb: np.ndarray, session: Any) -> np.ndarray:
     return to_nchw(small, scale=1.0 / 255.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def normalbae_normals(rgb: np.ndarray, ctx: ProcessContext) -> np.ndarray:
-    """NormalBAE's normals for ``rgb``, ``H×W×3`` float32 at its size (raises if unavailable)."""
+def normalbae_normals(
+    rgbs: Sequence[np.ndarray], ctxs: Sequence[ProcessContext]
+) -> list[np.ndarray]:
+    """NormalBAE's normals per image, ``H×W×3`` float32 at its size (raises if unavailable).
+
+    Same-size network inputs share forward passes.
+    """
     spec = NORMALBAE
-    session = session_for(spec, ctx.models)
-    x = normalbae_input(rgb, session)
-    out = run_single_output(session, x)
-    if out.ndim != 4 or out.shape[0] != 1 or out.shape[1] < 3:
-        raise ModelCorrupt(
-            f"'{spec.name}' returned an output of shape {out.shape}; expected [1,3|4,H,W]",
-            parameter="model",
-        )
-    normals = np.ascontiguousarray(out[0, :3].transpose(1, 2, 0))
-    ctx.meta["normalModel"] = spec.name
-    ctx.meta["normalDetectSize"] = [int(x.shape[3]), int(x.shape[2])]
-    h, w = rgb.shape[:2]
-    if normals.shape[:2] != (h, w):
-        normals = cv2.resize(normals, (w, h), interpolation=cv2.INTER_LINEAR)
-    return normals
+    session = session_for(spec, ctxs[0].models)
+
+    def finish(item: tuple[np.ndarray, ProcessContext], x: np.ndarray, outs: list[Any]) -> Any:
+        rgb, ctx = item
+        out = np.asarray(outs[0], dtype=np.float32)
+        if out.ndim != 4 or out.shape[0] != 1 or out.shape[1] < 3:
+            raise ModelCorrupt(
+                f"'{spec.name}' returned an output of shape {out.shape}; expected [1,3|4,H,W]",
+                parameter="model",
+            )
+        normals = np.ascontiguousarray(out[0, :3].transpose(1, 2, 0))
+        ctx.meta["normalModel"] = spec.name
+        ctx.meta["normalDetectSize"] = [int(x.shape[3]), int(x.shape[2])]
+        h, w = rgb.shape[:2]
+        if normals.shape[:2] != (h, w):
+            normals = cv2.resize(normals, (w, h), interpolation=cv2.INTER_LINEAR)
+        return normals
+
+    return map_batched(
+        session,
+        list(zip(rgbs, ctxs, strict=True)),
+        lambda item: normalbae_input(item[0], session),
+        finish,
+        output_names=[session.get_outputs()[0].name],
+    )
 
 
-def depth_normals(rgb: np.ndarray, ctx: ProcessContext) -> np.ndarray:
-    """Normals derived from the depth model's output for ``rgb`` (``H×W×3`` float32)."""
-    return normals_from_depth(depth_module.estimate_depth(rgb, DEPTH_VARIANT, ctx))
+def depth_normals(rgbs: Sequence[np.ndarray], ctxs: Sequence[ProcessContext]) -> list[np.ndarray]:
+    """Normals derived from the depth model's output for each image (``H×W×3`` float32)."""
+    depths = depth_module.estimate_depths(rgbs, DEPTH_VARIANT, ctxs)
+    return [normals_from_depth(depth) for depth in depths]
 
 
 @register
-class NormalBae(Preprocessor):
+class NormalBae(BatchedPreprocessor):
     """Surface normals: NormalBAE where configured, else derived from the depth model."""
 
     name = "normalbae"
@@ -166,27 +181,33 @@ class NormalBae(Preprocessor):
             return (depth_spec,)
         return (NORMALBAE, depth_spec)
 
-    def process(
-        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
-    ) -> np.ndarray:
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
         variant = params.get("variant", self.default_variant)
+        method = METHOD_DEPTH
         if variant == "depth":
-            normals = depth_normals(image, ctx)
-            ctx.meta["normal_method"] = METHOD_DEPTH
-            return normals_to_rgb(normals)
-        try:
-            normals = normalbae_normals(image, ctx)
-            ctx.meta["normal_method"] = METHOD_NORMALBAE
-        except ModelUnavailable as missing:
-            normals = self._fallback(image, ctx, missing)
-            ctx.meta["normal_method"] = METHOD_DEPTH
-        return normals_to_rgb(normals)
+            normals = depth_normals(images, ctxs)
+        else:
+            try:
+                normals = normalbae_normals(images, ctxs)
+                method = METHOD_NORMALBAE
+            except ModelUnavailable as missing:
+                normals = self._fallback(images, ctxs, missing)
+        for ctx in ctxs:
+            ctx.meta["normal_method"] = method
+        return [normals_to_rgb(n) for n in normals]
 
     @staticmethod
-    def _fallback(image: np.ndarray, ctx: ProcessContext, missing: ModelUnavailable) -> np.ndarray:
+    def _fallback(
+        images: Sequence[np.ndarray], ctxs: Sequence[ProcessContext], missing: ModelUnavailable
+    ) -> list[np.ndarray]:
         """Depth-derived normals; if the depth model is missing too, say how to fix either."""
         try:
-            return depth_normals(image, ctx)
+            return depth_normals(images, ctxs)
         except ModelUnavailable as no_depth:
             raise ModelUnavailable(
                 f"{no_depth.message} (NormalBAE is not configured either: {missing.message})",

@@ -45,22 +45,24 @@ hands or faces, so ``includeHandsAndFaceOpenPose=true`` with it is an
 it locally.
 
 :func:`detect` returns the people found (keypoints in pixels) for callers and
-tests that want geometry rather than a picture.
+tests that want geometry rather than a picture; :func:`detect_batch` does the same for
+several images, sharing forward passes: one YOLOX batch for the images, one pose batch
+for the person crops of all of them (when the graphs' batch dims are dynamic).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 
-from engine.models.onnx import session_for
+from engine.models.onnx import map_batched, session_for
 from engine.models.store import ModelSpec, ModelStore
 from engine.preprocessors._common import resize
 from engine.preprocessors._pose_draw import Person, draw_pose
-from engine.registry import Preprocessor, ProcessContext, Setting, register
+from engine.registry import BatchedPreprocessor, ProcessContext, Setting, register
 from guideflow.errors import InvalidParameter
 
 HANDS_AND_FACE = "includeHandsAndFaceOpenPose"
@@ -164,19 +166,35 @@ def movenet_input(rgb: np.ndarray) -> tuple[np.ndarray, int]:
     return resize(square, MOVENET_SIZE, MOVENET_SIZE)[None], side
 
 
+def detect_movenet_batch(
+    rgbs: Sequence[np.ndarray], threshold: float, models: ModelStore | None = None
+) -> list[list[Person]]:
+    """Per image, the single person MoveNet sees, or nobody (fewer than 4 confident points)."""
+    session = session_for(MOVENET_LIGHTNING, models)
+
+    def finish(rgb: np.ndarray, x: np.ndarray, outs: list[Any]) -> list[Person]:
+        yxs = np.asarray(outs[0]).reshape(17, 3).astype(np.float64)
+        points = yxs[:, [1, 0]] * max(rgb.shape[:2])  # normalised to the padded square
+        scores = yxs[:, 2]
+        if int(np.count_nonzero(scores > threshold)) < MOVENET_MIN_KEYPOINTS:
+            return []
+        return [body_from_coco(points, scores, threshold)]
+
+    return map_batched(
+        session,
+        list(rgbs),
+        lambda rgb: movenet_input(rgb)[0],
+        finish,
+        output_names=[MOVENET_OUTPUT],
+        input_name=MOVENET_INPUT,
+    )
+
+
 def detect_movenet(
     rgb: np.ndarray, threshold: float, models: ModelStore | None = None
 ) -> list[Person]:
-    """The single person MoveNet sees, or nobody when fewer than 4 keypoints are confident."""
-    session = session_for(MOVENET_LIGHTNING, models)
-    x, side = movenet_input(rgb)
-    (out,) = session.run([MOVENET_OUTPUT], {MOVENET_INPUT: x})
-    yxs = out.reshape(17, 3).astype(np.float64)
-    points = yxs[:, [1, 0]] * side
-    scores = yxs[:, 2]
-    if int(np.count_nonzero(scores > threshold)) < MOVENET_MIN_KEYPOINTS:
-        return []
-    return [body_from_coco(points, scores, threshold)]
+    """:func:`detect_movenet_batch` of one image."""
+    return detect_movenet_batch([rgb], threshold, models)[0]
 
 
 # -- DWPose: YOLOX person boxes -----------------------------------------------------------------
@@ -188,10 +206,16 @@ PERSON_SCORE = 0.3
 NMS_IOU = 0.45
 
 
+def yolox_ratio(rgb: np.ndarray, size: int = YOLOX_SIZE) -> float:
+    """The letterbox scale of ``rgb`` into ``size``²."""
+    h, w = rgb.shape[:2]
+    return min(size / h, size / w)
+
+
 def yolox_input(rgb: np.ndarray, size: int = YOLOX_SIZE) -> tuple[np.ndarray, float]:
     """Letterbox (top-left, pad 114) into ``size``², BGR: ``1×3×size×size`` float32, ratio."""
     h, w = rgb.shape[:2]
-    r = min(size / h, size / w)
+    r = yolox_ratio(rgb, size)
     new_w, new_h = int(w * r), int(h * r)
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])
     scaled = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
@@ -247,12 +271,22 @@ def decode_yolox(raw: np.ndarray, ratio: float, size: int = YOLOX_SIZE) -> np.nd
     return boxes[nms(boxes, scores, NMS_IOU)]
 
 
+def detect_people_boxes_batch(
+    rgbs: Sequence[np.ndarray], models: ModelStore | None = None
+) -> list[np.ndarray]:
+    """Person boxes (x1, y1, x2, y2) found by YOLOX-L in each image (one 640² batch)."""
+    session = session_for(YOLOX_L, models)
+    return map_batched(
+        session,
+        list(rgbs),
+        lambda rgb: yolox_input(rgb)[0],
+        lambda rgb, x, outs: decode_yolox(outs[0], yolox_ratio(rgb)),
+    )
+
+
 def detect_people_boxes(rgb: np.ndarray, models: ModelStore | None = None) -> np.ndarray:
     """Person boxes (x1, y1, x2, y2) found by YOLOX-L."""
-    session = session_for(YOLOX_L, models)
-    x, ratio = yolox_input(rgb)
-    raw = session.run(None, {session.get_inputs()[0].name: x})[0]
-    return decode_yolox(raw, ratio)
+    return detect_people_boxes_batch([rgb], models)[0]
 
 
 # -- DWPose: whole-body keypoints ---------------------------------------------------------------
@@ -337,28 +371,61 @@ def wholebody_person(points: np.ndarray, scores: np.ndarray, threshold: float) -
     return person
 
 
-def detect_dwpose(
-    rgb: np.ndarray, threshold: float, models: ModelStore | None = None
-) -> list[Person]:
-    """Everyone YOLOX finds, with DWPose's 133 whole-body keypoints each."""
-    boxes = detect_people_boxes(rgb, models)
-    if boxes.shape[0] == 0:
-        return []
+def detect_dwpose_batch(
+    rgbs: Sequence[np.ndarray], threshold: float, models: ModelStore | None = None
+) -> list[list[Person]]:
+    """Everyone YOLOX finds in each image, with DWPose's 133 whole-body keypoints each.
+
+    The person crops of all images (all 288×384) go through the pose model together, in
+    batches of up to ``GUIDEFLOW_MAX_BATCH`` when its batch dim is dynamic.
+    """
+    boxes = detect_people_boxes_batch(rgbs, models)
+    people: list[list[Person]] = [[] for _ in rgbs]
+    if not any(b.shape[0] for b in boxes):
+        return people
     session = session_for(DWPOSE_LL, models)
-    input_name = session.get_inputs()[0].name
     size = pose_input_size(session)
-    people: list[Person] = []
-    for box in boxes:
-        centre, scale = box_to_crop(box, size)
-        simcc_x, simcc_y = session.run(None, {input_name: pose_input(rgb, centre, scale, size)})[:2]
-        points, scores = decode_simcc(simcc_x[0], simcc_y[0])
-        people.append(
-            wholebody_person(crop_to_image(points, centre, scale, size), scores, threshold)
-        )
+    crops = [(index, *box_to_crop(box, size)) for index, found in enumerate(boxes) for box in found]
+
+    def prepare(crop: tuple[int, np.ndarray, np.ndarray]) -> np.ndarray:
+        index, centre, scale = crop
+        return pose_input(rgbs[index], centre, scale, size)
+
+    def finish(crop: tuple[int, np.ndarray, np.ndarray], x: np.ndarray, outs: list[Any]) -> Person:
+        _, centre, scale = crop
+        points, scores = decode_simcc(outs[0][0], outs[1][0])
+        return wholebody_person(crop_to_image(points, centre, scale, size), scores, threshold)
+
+    for crop, person in zip(crops, map_batched(session, crops, prepare, finish), strict=True):
+        people[crop[0]].append(person)
     return people
 
 
+def detect_dwpose(
+    rgb: np.ndarray, threshold: float, models: ModelStore | None = None
+) -> list[Person]:
+    """:func:`detect_dwpose_batch` of one image."""
+    return detect_dwpose_batch([rgb], threshold, models)[0]
+
+
 # -- the preprocessor ---------------------------------------------------------------------------
+
+
+def detect_batch(
+    rgbs: Sequence[np.ndarray],
+    *,
+    variant: str = "dwpose",
+    threshold: float | None = None,
+    models: ModelStore | None = None,
+) -> list[list[Person]]:
+    """People in each image (``H×W×3`` uint8), keypoints in its pixel coordinates."""
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLDS[variant]
+    if variant == "movenet":
+        return detect_movenet_batch(rgbs, threshold, models)
+    if variant == "dwpose":
+        return detect_dwpose_batch(rgbs, threshold, models)
+    raise InvalidParameter(f"openpose: unknown variant {variant!r}", parameter="variant")
 
 
 def detect(
@@ -369,17 +436,11 @@ def detect(
     models: ModelStore | None = None,
 ) -> list[Person]:
     """People in ``rgb`` (``H×W×3`` uint8), keypoints in its pixel coordinates."""
-    if threshold is None:
-        threshold = DEFAULT_THRESHOLDS[variant]
-    if variant == "movenet":
-        return detect_movenet(rgb, threshold, models)
-    if variant == "dwpose":
-        return detect_dwpose(rgb, threshold, models)
-    raise InvalidParameter(f"openpose: unknown variant {variant!r}", parameter="variant")
+    return detect_batch([rgb], variant=variant, threshold=threshold, models=models)[0]
 
 
 @register
-class OpenPose(Preprocessor):
+class OpenPose(BatchedPreprocessor):
     """OpenPose skeletons from DWPose (whole body) or MoveNet (body only, one person)."""
 
     name = "openpose"
@@ -418,15 +479,21 @@ class OpenPose(Preprocessor):
                 parameter=HANDS_AND_FACE,
             )
 
-    def process(
-        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
-    ) -> np.ndarray:
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
         variant = params["variant"]
         threshold = params[THRESHOLD]
         if threshold is None:
             threshold = DEFAULT_THRESHOLDS[variant]
-        people = detect(image, variant=variant, threshold=threshold, models=ctx.models)
-        ctx.meta["people"] = len(people)
-        ctx.meta[THRESHOLD] = threshold
-        height, width = image.shape[:2]
-        return draw_pose(people, height, width, hands_and_face=params[HANDS_AND_FACE])
+        found = detect_batch(images, variant=variant, threshold=threshold, models=ctxs[0].models)
+        out = []
+        for image, people, ctx in zip(images, found, ctxs, strict=True):
+            ctx.meta["people"] = len(people)
+            ctx.meta[THRESHOLD] = threshold
+            height, width = image.shape[:2]
+            out.append(draw_pose(people, height, width, hands_and_face=params[HANDS_AND_FACE]))
+        return out

@@ -31,7 +31,7 @@ Settings that belong to another variant (``pidinetModel`` for ``xdog``/``hed``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -41,7 +41,7 @@ from engine.models.store import ModelSpec
 from engine.preprocessors import softedge
 from engine.preprocessors._classical import scribble_xdog
 from engine.preprocessors._common import gray_to_rgb, to_uint8
-from engine.registry import Preprocessor, ProcessContext, Setting, register
+from engine.registry import BatchedPreprocessor, ProcessContext, Setting, register
 from guideflow.errors import InvalidParameter
 
 #: ControlNet's scribble constants: nms threshold and sigma, stroke blur sigma and cut.
@@ -82,7 +82,7 @@ def strokes_from_soft_edges(edge_u8: np.ndarray) -> np.ndarray:
 
 
 @register
-class Scribble(Preprocessor):
+class Scribble(BatchedPreprocessor):
     """Binary scribble strokes from PiDiNet/HED soft edges, or from XDoG."""
 
     name = "scribble"
@@ -118,13 +118,20 @@ class Scribble(Preprocessor):
                 parameter="xdogThreshold",
             )
 
-    def process(
-        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
-    ) -> np.ndarray:
+    def batches(self, params: Mapping[str, Any]) -> bool:
+        return params.get("variant", self.default_variant) != "xdog"
+
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
         variant = params.get("variant", self.default_variant)
         if variant == "xdog":
-            threshold = params.get("xdogThreshold") or DEFAULT_XDOG_THRESHOLD
-            ctx.meta["method"] = "xdog"
-            return gray_to_rgb(scribble_xdog(image, threshold=int(threshold)))
-        edge = softedge.soft_edges(image, variant, params.get("pidinetModel"), ctx)
-        return gray_to_rgb(strokes_from_soft_edges(to_uint8(edge)))
+            threshold = int(params.get("xdogThreshold") or DEFAULT_XDOG_THRESHOLD)
+            for ctx in ctxs:
+                ctx.meta["method"] = "xdog"
+            return [gray_to_rgb(scribble_xdog(image, threshold=threshold)) for image in images]
+        edges = softedge.soft_edges_batch(images, variant, params.get("pidinetModel"), ctxs)
+        return [gray_to_rgb(strokes_from_soft_edges(to_uint8(edge))) for edge in edges]

@@ -39,17 +39,17 @@ picture with their pixel fractions, largest first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 
-from engine.models.onnx import session_for
+from engine.models.onnx import map_batched, session_for
 from engine.models.store import ModelSpec
 from engine.preprocessors._ade20k import ADE20K_CLASSES, paint
 from engine.preprocessors._common import resize
-from engine.registry import Preprocessor, ProcessContext, Setting, register
+from engine.registry import BatchedPreprocessor, ProcessContext, Setting, register
 
 DEEPLAB_SIZE = 513
 DEEPLAB_INPUT = "sub_7"
@@ -105,16 +105,34 @@ def class_fractions(
     return out
 
 
+def segment_batch(rgbs: Sequence[np.ndarray], ctxs: Sequence[ProcessContext]) -> list[np.ndarray]:
+    """ADE20K class ids (0 = other, 1..150) per pixel of each image, at its height and width.
+
+    Every image is stretched to 513×513, so all of them can share forward passes.
+    """
+    session = session_for(DEEPLAB_ADE20K, ctxs[0].models)
+
+    def finish(rgb: np.ndarray, x: np.ndarray, outs: list[Any]) -> np.ndarray:
+        height, width = rgb.shape[:2]
+        return labels_from_logits(outs[0], width, height)
+
+    return map_batched(
+        session,
+        list(rgbs),
+        deeplab_input,
+        finish,
+        output_names=[DEEPLAB_OUTPUT],
+        input_name=DEEPLAB_INPUT,
+    )
+
+
 def segment(rgb: np.ndarray, ctx: ProcessContext) -> np.ndarray:
-    """ADE20K class ids (0 = other, 1..150) for every pixel of ``rgb``, same height and width."""
-    session = session_for(DEEPLAB_ADE20K, ctx.models)
-    (logits,) = session.run([DEEPLAB_OUTPUT], {DEEPLAB_INPUT: deeplab_input(rgb)})
-    height, width = rgb.shape[:2]
-    return labels_from_logits(logits, width, height)
+    """:func:`segment_batch` of one image."""
+    return segment_batch([rgb], [ctx])[0]
 
 
 @register
-class Seg(Preprocessor):
+class Seg(BatchedPreprocessor):
     """ADE20K semantic segmentation in the mmseg/ControlNet palette."""
 
     name = "seg"
@@ -126,9 +144,14 @@ class Seg(Preprocessor):
     def models(self, variant: str) -> tuple[ModelSpec, ...]:
         return (DEEPLAB_ADE20K,)
 
-    def process(
-        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
-    ) -> np.ndarray:
-        labels = segment(image, ctx)
-        ctx.meta["seg_classes"] = class_fractions(labels)
-        return paint(labels)
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
+        out = []
+        for labels, ctx in zip(segment_batch(images, ctxs), ctxs, strict=True):
+            ctx.meta["seg_classes"] = class_fractions(labels)
+            out.append(paint(labels))
+        return out

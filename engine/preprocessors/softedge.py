@@ -42,14 +42,14 @@ three grey levels at any output size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
-from engine.models.onnx import session_for
-from engine.models.store import ModelSpec, ModelStore
+from engine.models.onnx import map_batched, session_for
+from engine.models.store import ModelSpec
 from engine.preprocessors._common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -58,8 +58,8 @@ from engine.preprocessors._common import (
     to_nchw,
     to_uint8,
 )
-from engine.registry import Preprocessor, ProcessContext, Setting, register
-from guideflow.errors import InvalidParameter, ModelCorrupt
+from engine.registry import BatchedPreprocessor, ProcessContext, Setting, register
+from guideflow.errors import GuideflowError, InvalidParameter, ModelCorrupt
 
 #: Shorter side of the image the edge networks see (ControlNet's default detect resolution).
 DETECT_RESOLUTION = 512
@@ -170,26 +170,14 @@ def pidinet_spec(choice: str | None) -> ModelSpec:
     return globals()[_PIDINET_SPECS[choice or DEFAULT_PIDINET_MODEL]]
 
 
-def pidinet_edges(rgb: np.ndarray, spec: ModelSpec, store: ModelStore | None) -> np.ndarray:
-    """PiDiNet's fused edge probability for ``rgb`` (H×W×3 uint8) at its own size, in [0, 1]."""
-    session = session_for(spec, store)
-    x = to_nchw(rgb, scale=1.0 / 255.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    fused = session.get_outputs()[-1].name  # '956' in the shipped exports
-    (edge,) = session.run([fused], {session.get_inputs()[0].name: x})
-    return _single_map(edge, rgb.shape[:2], spec).clip(0.0, 1.0)
+def pidinet_edges(outs: list[Any], expect: tuple[int, int], spec: ModelSpec) -> np.ndarray:
+    """PiDiNet's fused edge probability (its last output) as an ``h×w`` map in [0, 1]."""
+    return _single_map(outs[-1], expect, spec).clip(0.0, 1.0)
 
 
-def hed_edges(rgb: np.ndarray, spec: ModelSpec, store: ModelStore | None) -> np.ndarray:
-    """HED's edge probability for ``rgb`` at its own size: mean of side logits, then sigmoid."""
-    session = session_for(spec, store)
-    x = to_nchw(rgb, scale=1.0)  # RGB 0..255; the network normalises inside
-    try:
-        sides = session.run(None, {session.get_inputs()[0].name: x})
-    except Exception as exc:  # a user export with other I/O: onnxruntime's own error types
-        raise ModelCorrupt(
-            f"'{spec.name}' did not run on a [1,3,H,W] float32 input: {exc}", parameter="model"
-        ) from exc
-    h, w = rgb.shape[:2]
+def hed_edges(sides: list[Any], size: tuple[int, int], spec: ModelSpec) -> np.ndarray:
+    """HED's edge probability at ``size`` (h, w): mean of the side logits resized, sigmoid."""
+    h, w = size
     logits = np.zeros((h, w), dtype=np.float64)
     for side in sides:
         plane = _single_map(side, None, spec)
@@ -198,31 +186,63 @@ def hed_edges(rgb: np.ndarray, spec: ModelSpec, store: ModelStore | None) -> np.
     return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
 
+def soft_edges_batch(
+    rgbs: Sequence[np.ndarray],
+    method: str,
+    pidinet_model: str | None,
+    ctxs: Sequence[ProcessContext],
+) -> list[np.ndarray]:
+    """Soft edge probability of each image at its own size (``H×W`` float32 in [0, 1]).
+
+    ``method`` is ``"pidinet"`` or ``"hed"``. The network runs at :func:`detect_size`
+    (images with the same detect size share forward passes); each map is resized back
+    bilinearly. Records the model and detect size in each context's meta.
+    """
+    hed = method == "hed"
+    spec = CONTROLNET_HED if hed else pidinet_spec(pidinet_model)
+    session = session_for(spec, ctxs[0].models)
+    # PiDiNet: only the fused map ('956' in the shipped exports); HED: every side output
+    wanted = None if hed else [session.get_outputs()[-1].name]
+
+    def prepare(item: tuple[np.ndarray, ProcessContext]) -> np.ndarray:
+        h, w = item[0].shape[:2]
+        small = resize(item[0], *detect_size(w, h))
+        if hed:
+            return to_nchw(small, scale=1.0)  # RGB 0..255; the network normalises inside
+        return to_nchw(small, scale=1.0 / 255.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+    def finish(item: tuple[np.ndarray, ProcessContext], x: np.ndarray, outs: list[Any]) -> Any:
+        rgb, ctx = item
+        dh, dw = int(x.shape[2]), int(x.shape[3])
+        edge = hed_edges(outs, (dh, dw), spec) if hed else pidinet_edges(outs, (dh, dw), spec)
+        ctx.meta["model"] = spec.name
+        ctx.meta["detectSize"] = [dw, dh]
+        h, w = rgb.shape[:2]
+        if (dw, dh) != (w, h):
+            edge = cv2.resize(edge, (w, h), interpolation=cv2.INTER_LINEAR)
+        return edge.clip(0.0, 1.0)
+
+    items = list(zip(rgbs, ctxs, strict=True))
+    try:
+        return map_batched(session, items, prepare, finish, output_names=wanted)
+    except GuideflowError:
+        raise
+    except Exception as exc:  # a user export with other I/O: onnxruntime's own error types
+        if not hed:
+            raise
+        raise ModelCorrupt(
+            f"'{spec.name}' did not run on a [1,3,H,W] float32 input: {exc}", parameter="model"
+        ) from exc
+
+
 def soft_edges(
     rgb: np.ndarray,
     method: str,
     pidinet_model: str | None,
     ctx: ProcessContext,
 ) -> np.ndarray:
-    """Soft edge probability of ``rgb`` at its own size (H×W float32 in [0, 1]).
-
-    ``method`` is ``"pidinet"`` or ``"hed"``. The network runs at :func:`detect_size`;
-    the map is resized back bilinearly. Records the model and detect size in ``ctx.meta``.
-    """
-    h, w = rgb.shape[:2]
-    dw, dh = detect_size(w, h)
-    small = resize(rgb, dw, dh)
-    if method == "hed":
-        spec = CONTROLNET_HED
-        edge = hed_edges(small, spec, ctx.models)
-    else:
-        spec = pidinet_spec(pidinet_model)
-        edge = pidinet_edges(small, spec, ctx.models)
-    ctx.meta["model"] = spec.name
-    ctx.meta["detectSize"] = [dw, dh]
-    if (dw, dh) != (w, h):
-        edge = cv2.resize(edge, (w, h), interpolation=cv2.INTER_LINEAR)
-    return edge.clip(0.0, 1.0)
+    """:func:`soft_edges_batch` of one image."""
+    return soft_edges_batch([rgb], method, pidinet_model, [ctx])[0]
 
 
 def reject_pidinet_model_for_hed(values: Mapping[str, Any], owner: str) -> None:
@@ -257,7 +277,7 @@ def _single_map(out: np.ndarray, expect: tuple[int, ...] | None, spec: ModelSpec
 
 
 @register
-class SoftEdge(Preprocessor):
+class SoftEdge(BatchedPreprocessor):
     """Soft edges (PiDiNet by default, or HED), optionally ``safe``-quantised."""
 
     name = "softedge"
@@ -274,12 +294,15 @@ class SoftEdge(Preprocessor):
     def check(self, values: dict[str, Any]) -> None:
         reject_pidinet_model_for_hed(values, self.name)
 
-    def process(
-        self, image: np.ndarray, params: Mapping[str, Any], ctx: ProcessContext
-    ) -> np.ndarray:
+    def process_batch(
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        ctxs: Sequence[ProcessContext],
+    ) -> list[np.ndarray]:
         variant = params.get("variant", self.default_variant)
         method = "hed" if variant.startswith("hed") else "pidinet"
-        edge = soft_edges(image, method, params.get("pidinetModel"), ctx)
+        edges = soft_edges_batch(images, method, params.get("pidinetModel"), ctxs)
         if variant.endswith("_safe"):
-            edge = safe_step(edge)
-        return gray_to_rgb(to_uint8(edge))
+            edges = [safe_step(edge) for edge in edges]
+        return [gray_to_rgb(to_uint8(edge)) for edge in edges]

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.api import PreparedRequest
+from engine.models.onnx import batch_limit
 from engine.server.auth import authorized
 from engine.server.config import ServerConfig
-from engine.server.executor import Runner, image_parameter
+from engine.server.executor import BatchGroup, Runner, image_parameter
 from engine.server.jobs import Admission, Failure, Job, JobRegistry, clip, fingerprint
 from engine.server.storage import ImageStore
 from guideflow.errors import DOCS_URL, GuideflowError, InvalidParameter
@@ -187,10 +188,14 @@ class Dispatcher:
         new = [p for p in plans if p.task is not None and p.job is None and p.failure is None]
         if not self.admission.try_acquire(len(new)):
             return self._over_capacity(raw_tasks, len(new))
+        groups = self._batch_groups(new)
         for plan in new:
             plan.job = self.jobs.start(plan.task.taskUUID, plan.task.taskType, plan.fp)
             answer_to = None if plan.is_async else plan
-            self.spawn(self._run_job(plan.job, plan.task, plan.prepared, base_url, answer_to))
+            group = groups.get(id(plan))
+            self.spawn(
+                self._run_job(plan.job, plan.task, plan.prepared, base_url, answer_to, group)
+            )
         waits = [p.job.done.wait() for p in plans if p.job is not None and not p.is_async]
         if waits:
             await asyncio.gather(*waits)
@@ -331,6 +336,31 @@ class Dispatcher:
 
     # -- running ------------------------------------------------------------------------
 
+    def _batch_groups(self, plans: list[_Plan]) -> dict[int, BatchGroup]:
+        """Group this POST's preprocess tasks that can share forward passes.
+
+        Tasks with the same preprocessor and identical validated settings, size and output
+        options, for a preprocessor that batches them, form groups of up to
+        ``GUIDEFLOW_MAX_BATCH`` (several groups may run on several workers at once).
+        Returns ``id(plan) → group`` for members of groups of two or more.
+        """
+        same: dict[tuple[Any, ...], list[_Plan]] = {}
+        for plan in plans:
+            prepared = plan.prepared
+            if isinstance(plan.task, PreprocessTask) and prepared is not None and prepared.batches:
+                same.setdefault(prepared.batch_key, []).append(plan)
+        limit = batch_limit()
+        groups: dict[int, BatchGroup] = {}
+        for members in same.values():
+            for start in range(0, len(members), limit):
+                chunk = members[start : start + limit]
+                if len(chunk) < 2:
+                    continue
+                assert chunk[0].prepared is not None
+                group = BatchGroup(self.runner, chunk[0].prepared, len(chunk))
+                groups.update((id(plan), group) for plan in chunk)
+        return groups
+
     async def _run_job(
         self,
         job: Job,
@@ -338,6 +368,7 @@ class Dispatcher:
         prepared: PreparedRequest | None,
         base_url: str,
         answer_to: _Plan | None = None,
+        group: BatchGroup | None = None,
     ) -> None:
         """Run ``task`` and finish ``job``; the full result item (inline guide included)
         goes to ``answer_to`` (the request that started a sync task) and the webhook, not
@@ -347,7 +378,7 @@ class Dispatcher:
         try:
             if isinstance(task, PreprocessTask):
                 assert prepared is not None
-                result = await self.runner.preprocess(task, prepared, base_url)
+                result = await self.runner.preprocess(task, prepared, base_url, group)
             else:
                 result = await self.runner.image_upload(task, base_url)
         except GuideflowError as exc:

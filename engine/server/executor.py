@@ -64,6 +64,67 @@ class ImageSource:
     data: bytes = b""
 
 
+class BatchGroup:
+    """Same-settings preprocess tasks of one POST: their engine step is one ``run_batch``.
+
+    Every member either hands in its input bytes (:meth:`run`) or leaves (its input
+    failed before the engine, or it was cancelled). Once each member has done one or the
+    other, the images handed in go through :meth:`Engine.run_batch` in the worker pool,
+    and each member gets its own guide image or its own error. Fetching inputs, storing,
+    uploads and webhooks stay per task, exactly as for a lone task.
+    """
+
+    def __init__(self, runner: Runner, prepared: PreparedRequest, size: int) -> None:
+        self.runner = runner
+        self.prepared = prepared
+        self.size = size
+        self.members: list[tuple[bytes, str, asyncio.Future[GuideImage]]] = []
+        self.left = 0
+        self.flush: asyncio.Task[None] | None = None
+
+    async def run(self, data: bytes, task_uuid: str) -> GuideImage:
+        """This member's guide image, once the whole group has run (raises its error)."""
+        future: asyncio.Future[GuideImage] = asyncio.get_running_loop().create_future()
+        self.members.append((data, task_uuid, future))
+        self._maybe_start()
+        return await future
+
+    def leave(self) -> None:
+        """This member will not hand in an image."""
+        self.left += 1
+        self._maybe_start()
+
+    def _maybe_start(self) -> None:
+        if self.flush is None and len(self.members) + self.left >= self.size and self.members:
+            self.flush = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        members = self.members
+        try:
+            results = await self.runner._in_pool(
+                self.runner.engine.run_batch,
+                self.prepared,
+                [data for data, _, _ in members],
+                [task_uuid for _, task_uuid, _ in members],
+            )
+        except asyncio.CancelledError:  # the server is stopping
+            for _, _, future in members:
+                future.cancel()
+            raise
+        except Exception as exc:  # the pool shut down
+            for _, _, future in members:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(members, results, strict=True):
+            if future.done():  # its task was cancelled meanwhile
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 class Runner:
     """Executes validated tasks; owns the worker pool, the engine and the image store."""
 
@@ -160,14 +221,27 @@ class Runner:
     # -- controlNetPreprocess -----------------------------------------------------------
 
     async def preprocess(
-        self, task: PreprocessTask, prepared: PreparedRequest, base_url: str
+        self,
+        task: PreprocessTask,
+        prepared: PreparedRequest,
+        base_url: str,
+        group: BatchGroup | None = None,
     ) -> dict[str, Any]:
-        """Run one preprocess task to its result item (raises ``GuideflowError``)."""
+        """Run one preprocess task to its result item (raises ``GuideflowError``).
+
+        With a ``group`` (same-settings tasks of one POST), the engine step runs in one
+        ``run_batch`` call with the group's other members; everything else is per task.
+        """
         parameter = image_parameter(task)
-        src = await self.source_of(task.image, parameter)
-        guide, guide_entry, input_uuid, inline = await self._in_pool(
-            self._preprocess_sync, task, prepared, src, parameter
-        )
+        if group is None:
+            src = await self.source_of(task.image, parameter)
+            guide, guide_entry, input_uuid, inline = await self._in_pool(
+                self._preprocess_sync, task, prepared, src, parameter
+            )
+        else:
+            guide, guide_entry, input_uuid, inline = await self._preprocess_grouped(
+                task, parameter, group
+            )
         if task.uploadEndpoint:
             await self.upload(task.uploadEndpoint, guide.data, guide.content_type)
         result = PreprocessResult(
@@ -193,6 +267,34 @@ class Runner:
             guide = self.engine.run(prepared, data, task_uuid=task.taskUUID)
         except GuideflowError as exc:
             raise renamed(exc, parameter) from None
+        return self._keep(task, guide, data, input_uuid)
+
+    async def _preprocess_grouped(
+        self, task: PreprocessTask, parameter: str, group: BatchGroup
+    ) -> tuple[GuideImage, StoredImage, str, str | None]:
+        """Input to bytes (pool), engine with the group (pool, once), results kept (pool)."""
+        try:
+            src = await self.source_of(task.image, parameter)
+            data, input_uuid = await self._in_pool(self._materialize_renamed, src, parameter)
+        except BaseException:
+            group.leave()  # the others must not wait for an image that will never come
+            raise
+        try:
+            guide = await group.run(data, task.taskUUID)
+        except GuideflowError as exc:
+            raise renamed(exc, parameter) from None
+        return await self._in_pool(self._keep, task, guide, data, input_uuid)
+
+    def _materialize_renamed(self, src: ImageSource, parameter: str) -> tuple[bytes, str | None]:
+        try:
+            return self._materialize(src, parameter)
+        except GuideflowError as exc:
+            raise renamed(exc, parameter) from None
+
+    def _keep(
+        self, task: PreprocessTask, guide: GuideImage, data: bytes, input_uuid: str | None
+    ) -> tuple[GuideImage, StoredImage, str, str | None]:
+        """Store the input (if new) and the guide; the inline answer if one is wanted."""
         if input_uuid is None:
             # written behind: the answer does not wait for the file (usable by UUID at once)
             input_uuid = self._store_input(data, defer=True).uuid

@@ -1,0 +1,42 @@
+"""Giving freed heap memory back to the operating system.
+
+CPython returns freed objects to the C allocator, and glibc's malloc keeps what it gets
+back in per-thread arenas for reuse instead of returning it to the OS. A long pipeline
+run frees a shard's worth of requests, outcomes and parquet buffers every second or so,
+from several threads; without a trim its resident size crept up shard after shard.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+from collections.abc import Callable
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on other C libraries and platforms."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc only); True if it could be asked.
+
+    Costs a millisecond or two: call it after freeing a lot, not per object.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
