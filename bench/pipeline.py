@@ -577,6 +577,8 @@ def memory(args: argparse.Namespace, root: Path, results: dict[str, Any]) -> Non
     plan += [("real", n) for n in args.mem_real]
     with serve() as url:
         env = {**prefect_env(root), **s3_env(url.removesuffix("/v1"))}
+        if args.prefect_api_url:  # a real Prefect server instead of ephemeral mode
+            env["PREFECT_API_URL"] = args.prefect_api_url
         manifests: dict[int, Path] = {}
         for mode, rows in plan:
             if rows * BYTES_PER_ROW * 1.2 > free - (1 << 30):
@@ -735,6 +737,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--full", action="store_true", help="memory: 1M real, 1M+10M dry")
     parser.add_argument("--only", choices=["throughput", "memory"])
     parser.add_argument("--json", metavar="FILE", help="also write all results as JSON")
+    parser.add_argument(
+        "--prefect-api-url",
+        metavar="URL",
+        help="memory runs: use this Prefect server (`prefect server start`) instead of "
+        "ephemeral mode, which imports Prefect's server app into the run's process",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--mem-timeout", type=float, default=3600)
