@@ -273,17 +273,7 @@ async def run_shard(
         outcomes.extend(row_errors)
         for item in row_items:
             if item.key in seen:  # the same work twice in the manifest: do it once
-                outcomes.append(
-                    Outcome(
-                        status="skipped",
-                        item=item,
-                        attempts=0,
-                        error=ErrorObject(
-                            code="duplicateRow",
-                            message=f"row {item.row} repeats work already in this shard",
-                        ),
-                    )
-                )
+                outcomes.append(_duplicate(item, "already in this shard"))
                 continue
             seen.add(item.key)
             items.append(item)
@@ -292,18 +282,7 @@ async def run_shard(
     if not config.force:
         index = done if done is not None else done_index(config.ledger, run_id)
     items, result.already_done, taken = _claim(config.ledger, run_id, shard.index, items, index)
-    outcomes.extend(
-        Outcome(
-            status="skipped",
-            item=item,
-            attempts=0,
-            error=ErrorObject(
-                code="duplicateRow",
-                message=f"row {item.row} repeats work another shard of this run is doing",
-            ),
-        )
-        for item in taken
-    )
+    outcomes.extend(_duplicate(item, "another shard of this run is doing") for item in taken)
     succeeded: list[tuple[str, str, str]] = []
     try:
         succeeded = await _produce(
@@ -312,6 +291,16 @@ async def run_shard(
     finally:  # (nothing is marked done unless the shard's ledger file was written)
         _release(config.ledger, run_id, shard.index, index, succeeded)
     return result
+
+
+def _duplicate(item: WorkItem, where: str) -> Outcome:
+    """The skipped outcome of a row that repeats work done elsewhere (``duplicateRow``)."""
+    return Outcome(
+        status="skipped",
+        item=item,
+        attempts=0,
+        error=ErrorObject(code="duplicateRow", message=f"row {item.row} repeats work {where}"),
+    )
 
 
 async def _produce(
