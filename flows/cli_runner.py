@@ -15,6 +15,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flows import preprocess as pipeline
+from flows.prefect_api import temporary_prefect_api
 from guideflow.errors import GuideflowError, InvalidParameter
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_BUDGET, EXIT_FAILED = 0, 1, 3, 4
@@ -83,17 +84,17 @@ def run_from_cli(
     flow_params = dict(params)
     flow_params["preprocessors"] = list(flow_params["preprocessors"])
     try:
-        with progress:
+        with temporary_prefect_api(), progress:
             state = asyncio.run(flow(**flow_params, return_state=True))
+            try:
+                result = state.result(raise_on_failure=False)
+                if asyncio.iscoroutine(result):
+                    result = asyncio.run(result)
+            except Exception as exc:  # the flow crashed: report its message, not a traceback
+                err_console.print(f"[red]run failed:[/red] {exc}")
+                return EXIT_FAILED
     finally:
         pipeline.PROGRESS_HOOKS.remove(hook)
-    try:
-        result = state.result(raise_on_failure=False)
-        if asyncio.iscoroutine(result):
-            result = asyncio.run(result)
-    except Exception as exc:  # the flow crashed: report its message, not a traceback
-        err_console.print(f"[red]run failed:[/red] {exc}")
-        return EXIT_FAILED
     if isinstance(result, BaseException):
         if isinstance(result, GuideflowError):
             raise result
