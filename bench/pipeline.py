@@ -707,15 +707,16 @@ def notes(args: argparse.Namespace) -> list[str]:
         "CPU µs/task: CPU time of the client process (bare: the loop; pipeline: the flow's "
         "shard loop, all threads) per row; unlike t/s it barely moves with other load on the "
         "machine, so its ratio is the steadier comparison",
-        "flow t/s: rows / flow body time (Prefect ephemeral API already started); "
-        "total t/s: rows / whole run_from_cli call (ephemeral API start, flow run, contact "
-        "sheet, artifacts); a warm-up run created the Prefect DB first",
+        "flow t/s: rows / flow body time (the temporary Prefect API already started; "
+        "guideflow run's warm-up of S3 signing and SSL overlaps that start); total t/s: "
+        "rows / whole run_from_cli call (temporary API start, flow run, contact sheet, "
+        "artifacts); a warm-up run created the Prefect DB first",
         "inline: memory:// inputs (distinct URIs, one tiny PNG) sent as data URIs, base64 "
         "outputs written to memory://; s3: presigned GET inputs and PUT uploadEndpoints "
         "(dummy credentials, local signing), nothing uploaded",
         "memory: peak RSS (VmHWM) of the whole `guideflow run` process, s3 scenario CSV "
-        "manifests; the Prefect ephemeral API runs in its own process and is not counted, "
-        "but starting it imports Prefect's server app into ours (~80 MB of the real runs)",
+        "manifests; without --prefect-api-url the run starts a temporary Prefect API in its "
+        "own process (flows/prefect_api.py), which is not counted",
     ]
 
 

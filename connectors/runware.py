@@ -637,7 +637,7 @@ class RunwareClient:
         wire_options: dict[str, Any] = {
             "timeout": timeout,
             "max_connections": max_concurrency,
-            "ssl_context": _ssl_context(),
+            "ssl_context": shared_ssl_context(),
         }
         use_h2 = http2 and transport is None and importlib.util.find_spec("h2") is not None
         self._http: Wire = (
@@ -974,7 +974,7 @@ class RunwareClient:
 
 
 @functools.cache
-def _ssl_context() -> ssl.SSLContext:
+def shared_ssl_context() -> ssl.SSLContext:
     """One default-verifying SSL context for every client in the process.
 
     httpx builds a new one per client otherwise, loading the whole CA bundle each time

@@ -310,6 +310,28 @@ async def _presign(
     return await asyncio.to_thread(_presign_sync_and_learn, fs, path, method, expires, params)
 
 
+def warm_presigning(url: str, fs: AbstractFileSystem | None = None) -> None:
+    """Build the S3 client and learn ``url``'s bucket's signing templates now (GET and PUT).
+
+    The first presign of a process builds botocore's S3 client (service model, endpoint
+    rules: 0.2-0.5 s of CPU); a caller that knows which bucket it will sign for can pay
+    that ahead, e.g. in a thread while its other start-up waits on I/O. Synchronous: call
+    it from a thread, not from a running event loop. Never raises: the real presign
+    reports any problem.
+    """
+    with contextlib.suppress(Exception):
+        if not url.startswith("s3://"):
+            return
+        bucket = url[5:].partition("/")[0]
+        if not _PLAIN_BUCKET.fullmatch(bucket):
+            return
+        fs = fs if fs is not None else default_s3_fs()
+        probe = f"{bucket}/guideflow-warm-up"
+        for method, params in (("put_object", {"ContentType": "image/png"}), ("get_object", {})):
+            if _fast_presign(fs, probe, method, 3600, params, plain=True) is None:
+                _presign_sync_and_learn(fs, probe, method, 3600, params)
+
+
 _default_fs: dict[tuple[Any, ...], AbstractFileSystem] = {}
 
 

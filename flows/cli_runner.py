@@ -8,6 +8,7 @@ arguments; 3 the budget was reached; 4 the flow itself failed.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from rich.console import Console
@@ -17,6 +18,7 @@ from rich.table import Table
 from flows import preprocess as pipeline
 from flows.prefect_api import temporary_prefect_api
 from guideflow.errors import GuideflowError, InvalidParameter
+from tasks.shard import warm_up
 
 EXIT_OK, EXIT_ROW_ERRORS, EXIT_BUDGET, EXIT_FAILED = 0, 1, 3, 4
 
@@ -81,6 +83,9 @@ def run_from_cli(
         )
 
     pipeline.PROGRESS_HOOKS.append(hook)
+    # The first shard's one-time set-up (S3 client, signing, SSL) in parallel with starting
+    # Prefect (a server subprocess, the flow run's creation), which mostly waits.
+    threading.Thread(target=warm_up, args=(config,), name="guideflow-warm-up", daemon=True).start()
     flow_params = dict(params)
     flow_params["preprocessors"] = list(flow_params["preprocessors"])
     try:

@@ -26,6 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from connectors import storage
 from connectors.ledger import DoneIndex, LedgerWriter
 from connectors.manifest import ShardSpec, read_shard
 from guideflow.memory import release_free_heap
@@ -183,6 +184,33 @@ async def pooled_backends() -> AsyncIterator[BackendPool]:
 def _loop_pool() -> BackendPool | None:
     pool = _pool.get()
     return pool if pool is not None and pool.loop is asyncio.get_running_loop() else None
+
+
+def warm_up(config: RunConfig) -> None:
+    """Do ahead the one-time set-up a run's first shard would otherwise pay for.
+
+    The engine's registry (prices and rows are checked against it), the shared
+    SSL context of the HTTP client, and for ``s3://`` outputs the S3 filesystem and, for
+    the HTTP backend, the output bucket's signing templates (building botocore's client
+    is 0.2-0.5 s of CPU). ``guideflow run`` calls this in a thread while it starts
+    Prefect, which mostly waits on I/O; the first shard then finds it all done. Never
+    raises: anything that fails here fails again, with its error, where it is needed.
+    """
+    with contextlib.suppress(Exception):
+        from engine import registry
+
+        registry.get(config.preprocessors[0])  # imports every preprocessor module
+    if config.backend == "http":
+        with contextlib.suppress(Exception):
+            from connectors.runware import shared_ssl_context
+
+            shared_ssl_context()
+    if storage.is_s3(config.output):
+        with contextlib.suppress(Exception):
+            if config.backend == "http":
+                storage.warm_presigning(config.output)
+            else:
+                storage.default_s3_fs()
 
 
 async def make_backend(config: RunConfig) -> ServiceBackend:

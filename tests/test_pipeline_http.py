@@ -496,6 +496,56 @@ def test_shards_on_the_flow_loop_share_clients_and_the_collector_is_restored(
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
 
 
+def test_a_slow_progress_update_does_not_hold_up_the_next_shard(
+    s3: Any,
+    job: dict[str, str],
+    recorder: Recorder,
+    endpoint: str,
+    api_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Progress artifacts are published off the scheduling path, one per shard, in order.
+
+    One shard in flight at a time, and the first progress update cannot finish until the
+    third shard is done: if the flow awaited the update before scheduling the next shard,
+    the second shard would never start (the update gives up after 60 s and the test
+    fails on the order of events).
+    """
+    import flows.preprocess as pipeline
+
+    events: list[str] = []
+    all_done = threading.Event()
+
+    def hook(_shard: Any, summary: RunSummary) -> None:
+        events.append(f"shard {summary.shards}")
+        if summary.shards == 3:
+            all_done.set()
+
+    async def slow_progress(summary: RunSummary, *_: Any, final: bool = False) -> None:
+        if not any(e.startswith("progress") for e in events):  # the first update only
+            await asyncio.to_thread(all_done.wait, 60)
+        events.append(f"progress {'final' if final else summary.shards}")
+
+    monkeypatch.setattr(pipeline, "_progress", slow_progress)
+    monkeypatch.setattr(pipeline, "PROGRESS_HOOKS", [hook])
+    summary = summary_of(
+        run_flow(
+            manifest=job["manifest"],
+            preprocessors=["canny"],
+            output=job["output"],
+            ledger=job["ledger"],
+            endpoint=endpoint,
+            shard_size=1,
+            max_shards_in_flight=1,
+        )
+    )
+    assert (summary.shards, summary.success) == (3, 3)
+    # The first update waited for all three shards; every shard got its update, in order.
+    assert events[:3] == ["shard 1", "shard 2", "shard 3"], events
+    assert [e for e in events if e.startswith("progress")][-1] == "progress final"
+    assert len([e for e in events if e.startswith("progress")]) == 4
+
+
 # -- 4. a failed upload is an error row, never a success -----------------------------------
 
 

@@ -156,3 +156,66 @@ async def test_a_template_that_cannot_reproduce_botocore_is_never_used(
     await presign(fs, "s3://bkt/a.png", "put_object")
     assert not storage._templates.get(fs)
     assert storage._fast_presign(fs, "bkt/b.png", "put_object", 900, {"ContentType": PNG}) is None
+
+
+@pytest.mark.parametrize("method", ["put_object", "get_object"])
+async def test_warm_presigning_teaches_the_bucket_so_the_first_url_needs_no_botocore(
+    method: str,
+) -> None:
+    fs = make_fs("http://127.0.0.1:9", None, asynchronous=False)
+    try:
+        storage.warm_presigning("s3://warm-bkt/guides/", fs=fs)
+        assert storage._templates.get(fs), "warming learned no template"
+        params = {"ContentType": PNG} if method == "put_object" else {}
+        with (
+            mock.patch.object(storage, "_presign_sync", side_effect=AssertionError),
+            mock.patch.object(storage, "_presign_async", side_effect=AssertionError),
+        ):
+            fast = await presign(fs, "s3://warm-bkt/guides/canny/a1.png", method)
+        expected = await botocore_url(
+            fs, "s3://warm-bkt/guides/canny/a1.png", method, params, amz_date(fast)
+        )
+        assert fast == expected
+        # Another bucket was not warmed: botocore signs its first URL.
+        with (
+            mock.patch.object(storage, "_presign_sync", side_effect=RuntimeError("botocore")),
+            pytest.raises(RuntimeError, match="botocore"),
+        ):
+            await presign(fs, "s3://other-bkt/guides/canny/a1.png", method)
+    finally:
+        await storage.aclose(fs)
+
+
+@pytest.mark.parametrize("url", ["memory://x/y", "s3://", "s3://Bad_Bucket!/k", "file:///tmp/x"])
+def test_warm_presigning_ignores_what_it_cannot_warm(url: str) -> None:
+    fs = make_fs("http://127.0.0.1:9", None, asynchronous=False)
+    storage.warm_presigning(url, fs=fs)  # never raises
+    assert not storage._templates.get(fs)
+
+
+def test_run_warm_up_prepares_the_http_backends_first_shard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``guideflow run``'s warm-up: output bucket templates learned on the default fs."""
+    from flows.preprocess import build_config
+    from tasks.shard import warm_up
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("GUIDEFLOW_S3_ENDPOINT", "http://127.0.0.1:9")
+    config = build_config(
+        manifest="s3://in-bkt/manifest.csv",
+        preprocessors=["canny"],
+        output="s3://out-bkt/guides",
+        ledger="s3://out-bkt/ledger",
+        backend="http",
+        endpoint="http://127.0.0.1:9/v1",
+    )
+    warm_up(config)
+    templates = storage._templates.get(storage.default_s3_fs())
+    assert templates is not None
+    assert {(bucket, method) for bucket, method, _ in templates} == {
+        ("out-bkt", "put_object"),
+        ("out-bkt", "get_object"),
+    }
