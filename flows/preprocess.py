@@ -35,6 +35,7 @@ from connectors.ledger import DoneIndex
 from connectors.manifest import ManifestSpec, ShardSpec, plan_shards, read_shard
 from flows.report import publish_summary, write_contact_sheet
 from guideflow.errors import GuideflowError, InvalidParameter
+from guideflow.memory import use_system_arrow_pool
 from guideflow.pricing import PriceTable
 from tasks.shard import ShardResult, forget_done_index, pooled_backends, process_shard
 from tasks.work import Counts, RunConfig, expand_row
@@ -363,6 +364,7 @@ async def preprocess_manifest(
 
     logger = get_run_logger()
     started = time.monotonic()
+    use_system_arrow_pool()  # flat memory over long runs (see guideflow.memory)
     config = build_config(
         manifest=manifest,
         preprocessors=preprocessors,

@@ -423,3 +423,31 @@ def test_freed_heap_is_handed_back_where_glibc_allows() -> None:
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert release_free_heap() is glibc
+
+
+@pytest.mark.parametrize(("chosen", "switched"), [(None, True), ("mimalloc", False)])
+def test_pyarrow_allocates_with_malloc_unless_the_user_chose_a_pool(
+    chosen: str | None, switched: bool
+) -> None:
+    """In a fresh interpreter: the switch happens once, and a pool the user set is kept."""
+    import json
+    import subprocess
+
+    script = (
+        "import json, pyarrow as pa\n"
+        "from guideflow.memory import use_system_arrow_pool\n"
+        "before = pa.default_memory_pool().backend_name\n"
+        "first, second = use_system_arrow_pool(), use_system_arrow_pool()\n"
+        "print(json.dumps([before, first, second, pa.default_memory_pool().backend_name]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if chosen:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    before, first, second, after = json.loads(out.stdout)
+    assert (first, second) == (switched, False)
+    assert after == ("system" if switched else before)
+    if chosen:
+        assert before == chosen == after

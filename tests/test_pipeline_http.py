@@ -24,6 +24,7 @@ import gc
 import io
 import json
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -494,6 +496,8 @@ def test_shards_on_the_flow_loop_share_clients_and_the_collector_is_restored(
     assert 1 <= len(made) <= 2
     assert all(b.client._http.is_closed for b in made)
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == thresholds
+    if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):  # the flow set malloc for pyarrow
+        assert pa.default_memory_pool().backend_name == "system"
 
 
 def test_a_slow_progress_update_does_not_hold_up_the_next_shard(
