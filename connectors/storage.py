@@ -818,7 +818,7 @@ def _content_type_kwargs(fs: AbstractFileSystem, content_type: str | None) -> di
 
 def _resolve(url: str, fs: AbstractFileSystem | None) -> tuple[AbstractFileSystem, str]:
     """The filesystem and in-fs path for ``url``; refuses ``http(s)`` (SSRF: use netguard)."""
-    if urlsplit(url).scheme.lower() in _HTTP_SCHEMES:
+    if _scheme(url) in _HTTP_SCHEMES:
         raise ValueError(
             f"{_redact(url)}: http(s) URLs must be fetched through guideflow.netguard, "
             "not connectors.storage"
@@ -826,6 +826,18 @@ def _resolve(url: str, fs: AbstractFileSystem | None) -> tuple[AbstractFileSyste
     if fs is None:
         return _plain_resolve(url) or url_to_fs(url)
     return fs, fs._strip_protocol(url)
+
+
+def _scheme(url: str) -> str:
+    """``urlsplit(url).scheme.lower()``, without parsing the whole URL in the usual case.
+
+    (A URL that starts with a letter and has a plain alphanumeric scheme: what urlsplit
+    would strip or reject first, leading blanks and control characters, takes its path.)
+    """
+    head, colon, _ = url.partition(":")
+    if colon and head[:1].isalpha() and head.isalnum() and head.isascii():
+        return head.lower()
+    return urlsplit(url).scheme.lower()
 
 
 _PLAIN_PROTOCOLS = frozenset({"memory", "file", "local"})

@@ -451,3 +451,22 @@ def test_pyarrow_allocates_with_malloc_unless_the_user_chose_a_pool(
     assert after == ("system" if switched else before)
     if chosen:
         assert before == chosen == after
+
+
+def test_storage_scheme_shortcut_equals_urlsplit() -> None:
+    """connectors.storage refuses http(s) URLs by scheme; its shortcut must read it as
+    urlsplit does, including the odd URLs urlsplit cleans up first."""
+    from urllib.parse import urlsplit
+
+    from connectors.storage import _scheme
+
+    rng = random.Random(7)
+    alphabet = "aHs3:/.\\t\\n +-_1%@?#" + "\t\n\x00\x1f"
+    urls = [
+        "http://a/b", "HTTPS://x", " http://x", "\thttp://x", "h\nttp://x", "http:x",
+        "memory://a", "s3://b/k", "s3a://b/k", "/tmp/x", "C:/x", "file:///x", "1http://x",
+        "data:image/png;base64,xx", "a+b://x", "\x00http://x", "",
+    ]  # fmt: skip
+    urls += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
+    for url in urls:
+        assert _scheme(url) == urlsplit(url).scheme.lower(), repr(url)
