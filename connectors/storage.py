@@ -452,9 +452,8 @@ class _SigV4Template:
             parts = self._parts[shape] = self._sign_parts(method, expires, content_type, amz_date)
         canonical = f"{parts.canonical_head}{key}{parts.canonical_tail}"
         digest = hashlib.sha256(canonical.encode()).hexdigest()
-        signer = parts.signer.copy()
-        signer.update(f"{parts.to_sign_head}{digest}".encode())
-        return f"{self.base}{key}?{parts.query}&X-Amz-Signature={signer.hexdigest()}"
+        signature = parts.signer.hexdigest(f"{parts.to_sign_head}{digest}".encode())
+        return f"{self.base}{key}?{parts.query}&X-Amz-Signature={signature}"
 
     def _sign_parts(
         self, method: str, expires: int, content_type: str | None, amz_date: str
@@ -487,7 +486,7 @@ class _SignParts:
     canonical_tail: str  # "\n<query>\n<headers>\n\n<signed headers>\nUNSIGNED-PAYLOAD"
     to_sign_head: str  # "AWS4-HMAC-SHA256\n<date>\n<scope>\n": the request's hash follows
     query: str
-    signer: hmac.HMAC = field(repr=False)
+    signer: _HmacSha256 = field(repr=False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -525,14 +524,36 @@ def _amz_date(epoch_s: int) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-@functools.lru_cache(maxsize=64)
-def _signing_hmac(secret_key: str, day: str, region: str) -> hmac.HMAC:
-    """An HMAC-SHA256 keyed with the day's signing key, to ``copy()`` per URL.
+class _HmacSha256:
+    """HMAC-SHA256 under one key, from the key's precomputed inner and outer hash states.
 
-    Copying a keyed HMAC costs half of keying a new one (OpenSSL 3 looks the digest
-    up again for every new context).
+    HMAC(K, m) = H((K ^ opad) || H((K ^ ipad) || m)) (RFC 2104): copying two hashlib
+    states per message costs about half of copying an ``hmac.HMAC`` (measured: 3.1 vs
+    5.4 µs), and SigV4 signs every presigned URL with the day's key.
     """
-    return hmac.new(_signing_key(secret_key, day, region), digestmod=hashlib.sha256)
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = hashlib.sha256().block_size
+        if len(key) > block:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(block, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def hexdigest(self, message: bytes) -> str:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _signing_hmac(secret_key: str, day: str, region: str) -> _HmacSha256:
+    """HMAC-SHA256 keyed with the day's SigV4 signing key (shared by every URL that day)."""
+    return _HmacSha256(_signing_key(secret_key, day, region))
 
 
 @functools.lru_cache(maxsize=64)
