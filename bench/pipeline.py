@@ -49,6 +49,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -473,37 +474,84 @@ def throughput(args: argparse.Namespace, root: Path, results: dict[str, Any]) ->
             env,
             args.timeout,
         )
-        for scenario in scenarios:
-            for batch, rows in plans:
-                manifest = root / f"tp-{scenario}-{rows}.csv"
+        rounds = [(s, b, r) for s in scenarios for b, r in plans] * max(1, args.repeat)
+        for scenario, batch, rows in rounds:
+            manifest = root / f"tp-{scenario}-{rows}.csv"
+            if not manifest.exists():
                 write_manifest(manifest, rows, scenario)
-                in_flight = args.concurrency * args.shards_in_flight
-                per_client = str(args.concurrency)
-                bare_argv = [
-                    "--scenario", scenario, "--rows", str(rows), "--batch", str(batch),
-                    "--in-flight", per_client, "--clients", str(args.shards_in_flight),
-                    "--endpoint", url,
-                ]  # fmt: skip
-                before = stats(url)["tasks"]
-                bare = run_worker("bare", [*bare_argv, "--transport", "httpx"], env, args.timeout)
-                bare_tasks = stats(url)["tasks"] - before
-                aio = run_worker("bare", [*bare_argv, "--transport", "aiohttp"], env, args.timeout)
-                ledger = root / f"ledger-{scenario}-{batch}-{time.time_ns()}"
-                before = stats(url)["tasks"]
-                pipe = run_worker(
-                    "pipeline",
-                    _pipeline_argv(args, scenario, manifest, ledger, url, rows, batch),
-                    env,
-                    args.timeout,
-                )
-                pipe_tasks = stats(url)["tasks"] - before
-                rows_out.append(
-                    _tp_row(
-                        scenario, batch, rows, in_flight, bare, aio, pipe, bare_tasks, pipe_tasks
-                    )
-                )
-                print_throughput([rows_out[-1]], header=len(rows_out) == 1)
+            in_flight = args.concurrency * args.shards_in_flight
+            per_client = str(args.concurrency)
+            bare_argv = [
+                "--scenario", scenario, "--rows", str(rows), "--batch", str(batch),
+                "--in-flight", per_client, "--clients", str(args.shards_in_flight),
+                "--endpoint", url,
+            ]  # fmt: skip
+            before = stats(url)["tasks"]
+            bare = run_worker("bare", [*bare_argv, "--transport", "httpx"], env, args.timeout)
+            bare_tasks = stats(url)["tasks"] - before
+            aio = run_worker("bare", [*bare_argv, "--transport", "aiohttp"], env, args.timeout)
+            ledger = root / f"ledger-{scenario}-{batch}-{time.time_ns()}"
+            before = stats(url)["tasks"]
+            pipe = run_worker(
+                "pipeline",
+                _pipeline_argv(args, scenario, manifest, ledger, url, rows, batch),
+                env,
+                args.timeout,
+            )
+            pipe_tasks = stats(url)["tasks"] - before
+            rows_out.append(
+                _tp_row(scenario, batch, rows, in_flight, bare, aio, pipe, bare_tasks, pipe_tasks)
+            )
+            print_throughput([rows_out[-1]], header=len(rows_out) == 1)
     results["throughput"] = rows_out
+    if args.repeat > 1:
+        results["throughput_medians"] = medians(rows_out)
+        print_medians(results["throughput_medians"])
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (scenario, tasks/POST): the median of each round's ratios and rates.
+
+    Each round runs the bare loops and the pipeline back to back, so a round's ratio
+    compares like with like; the median over rounds resists the swings of a shared
+    machine (single rounds on 2 cores moved by ±15%).
+    """
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["scenario"], row["tasks_per_post"]), []).append(row)
+    out = []
+    for (scenario, batch), group in groups.items():
+        line: dict[str, Any] = {"scenario": scenario, "tasks_per_post": batch, "rounds": len(group)}
+        for key in ("ratio_flow", "bare_tps", "pipeline_tps_flow", "bare_cpu_us_per_task",
+                    "pipeline_cpu_us_per_task"):  # fmt: skip
+            values = [r[key] for r in group if isinstance(r.get(key), int | float)]
+            if values:
+                line[key] = statistics.median(values)
+                line[f"{key}_range"] = (min(values), max(values))
+        cpu = [r["bare_cpu_us_per_task"] / r["pipeline_cpu_us_per_task"] for r in group
+               if r.get("bare_cpu_us_per_task") and r.get("pipeline_cpu_us_per_task")]  # fmt: skip
+        if cpu:
+            line["cpu_ratio"] = statistics.median(cpu)
+            line["cpu_ratio_range"] = (min(cpu), max(cpu))
+        out.append(line)
+    return out
+
+
+def print_medians(lines: list[dict[str, Any]]) -> None:
+    print("\nMedians over rounds (range in brackets):")
+    print(
+        f"{'scenario':<8} {'tasks/POST':>10} {'rounds':>6} │ {'bare t/s':>8} {'flow t/s':>8} "
+        f"{'ratio':>5} {'[min-max]':>11} │ {'CPU ratio':>9} {'[min-max]':>11}"
+    )
+    for m in lines:
+        lo, hi = m.get("ratio_flow_range", (None, None))
+        clo, chi = m.get("cpu_ratio_range", (None, None))
+        print(
+            f"{m['scenario']:<8} {m['tasks_per_post']:>10} {m['rounds']:>6} │ "
+            f"{_fmt(m.get('bare_tps')):>8} {_fmt(m.get('pipeline_tps_flow')):>8} "
+            f"{_fmt(m.get('ratio_flow'), '.2f'):>5} [{_fmt(lo, '.2f')}-{_fmt(hi, '.2f')}] │ "
+            f"{_fmt(m.get('cpu_ratio'), '.2f'):>9} [{_fmt(clo, '.2f')}-{_fmt(chi, '.2f')}]"
+        )
 
 
 def _pipeline_argv(
@@ -730,6 +778,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scenario", choices=["inline", "s3", "both"], default="both")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="throughput rounds; >1 also prints medians"
+    )
     parser.add_argument("--shards-in-flight", type=int, default=2)
     parser.add_argument(
         "--mem-dry", type=_int_list, default=[1_000_000], help="dry-run sizes, e.g. 1e6,1e7"
