@@ -58,16 +58,20 @@ def test_a_temporary_server_serves_the_run_and_is_stopped_after(no_api_url: None
             run = await client.read_flow_run(run_id)
             return (await client.read_flow(run.flow_id)).name, run.state_name
 
+    def prefect_servers() -> dict[int, psutil.Process]:
+        return {
+            p.pid: p
+            for p in psutil.Process().children(recursive=True)
+            if "prefect.server.api.server:create_app" in " ".join(p.cmdline())
+        }
+
+    before = prefect_servers()  # (the session's prefect_test_harness server, if started)
     with temporary_prefect_api() as url:
         assert url is not None and url.startswith("http://127.0.0.1:")
         assert PREFECT_API_URL.value() == url
         assert os.environ["PREFECT_API_URL"] == url  # for Prefect's background threads
         assert httpx.get(f"{url}/health", trust_env=False).json() is True
-        servers = [
-            p
-            for p in psutil.Process().children(recursive=True)
-            if "prefect.server.api.server:create_app" in " ".join(p.cmdline())
-        ]
+        servers = [p for pid, p in prefect_servers().items() if pid not in before]
         assert len(servers) == 1
         run_id = probe()
         assert asyncio.run(recorded(run_id)) == ("temporary-api-probe", "Completed")
