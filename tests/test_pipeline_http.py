@@ -458,6 +458,21 @@ def test_forced_rerun_sends_new_task_uuids(
     assert sorted(frame["task_uuid"]) == sorted(sent)  # the ledger names what was sent
 
 
+def run_one_image_shards(job: dict[str, str], endpoint: str, in_flight: int) -> RunSummary:
+    """The job's three images with canny, one image per shard, ``in_flight`` at a time."""
+    return summary_of(
+        run_flow(
+            manifest=job["manifest"],
+            preprocessors=["canny"],
+            output=job["output"],
+            ledger=job["ledger"],
+            endpoint=endpoint,
+            shard_size=1,
+            max_shards_in_flight=in_flight,
+        )
+    )
+
+
 def test_shards_on_the_flow_loop_share_clients_and_the_collector_is_restored(
     s3: Any,
     job: dict[str, str],
@@ -481,17 +496,7 @@ def test_shards_on_the_flow_loop_share_clients_and_the_collector_is_restored(
 
     monkeypatch.setattr(shard_mod, "make_backend", counting_make)
     thresholds = gc.get_threshold()
-    summary = summary_of(
-        run_flow(
-            manifest=job["manifest"],
-            preprocessors=["canny"],
-            output=job["output"],
-            ledger=job["ledger"],
-            endpoint=endpoint,
-            shard_size=1,
-            max_shards_in_flight=2,
-        )
-    )
+    summary = run_one_image_shards(job, endpoint, in_flight=2)
     assert (summary.shards, summary.success) == (3, 3)
     assert 1 <= len(made) <= 2
     assert all(b.client._http.is_closed for b in made)
@@ -532,17 +537,7 @@ def test_a_slow_progress_update_does_not_hold_up_the_next_shard(
 
     monkeypatch.setattr(pipeline, "_progress", slow_progress)
     monkeypatch.setattr(pipeline, "PROGRESS_HOOKS", [hook])
-    summary = summary_of(
-        run_flow(
-            manifest=job["manifest"],
-            preprocessors=["canny"],
-            output=job["output"],
-            ledger=job["ledger"],
-            endpoint=endpoint,
-            shard_size=1,
-            max_shards_in_flight=1,
-        )
-    )
+    summary = run_one_image_shards(job, endpoint, in_flight=1)
     assert (summary.shards, summary.success) == (3, 3)
     # The first update waited for all three shards; every shard got its update, in order.
     assert events[:3] == ["shard 1", "shard 2", "shard 3"], events
