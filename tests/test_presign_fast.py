@@ -74,6 +74,18 @@ async def presign(fs: Any, url: str, method: str) -> str:
     return await storage.presign_get(url, expires=900, fs=fs)
 
 
+async def template_url(fs: Any, url: str, method: str) -> str:
+    """``url`` presigned with botocore forbidden, checked equal to what botocore signs for it."""
+    params = {"ContentType": PNG} if method == "put_object" else {}
+    with (
+        mock.patch.object(storage, "_presign_sync", side_effect=AssertionError),
+        mock.patch.object(storage, "_presign_async", side_effect=AssertionError),
+    ):
+        fast = await presign(fs, url, method)
+    assert fast == await botocore_url(fs, url, method, params, amz_date(fast))
+    return fast
+
+
 @pytest.mark.parametrize(
     ("endpoint", "token", "asynchronous", "region"),
     [
@@ -90,18 +102,9 @@ async def test_template_urls_equal_botocore_urls(
     fs = make_fs(endpoint, token, asynchronous, region)
     try:
         first = await presign(fs, "s3://bench-bkt/out/first.png", method)
-        params = {"ContentType": PNG} if method == "put_object" else {}
         assert storage._templates.get(fs), "botocore's first URL taught no template"
-        # From now on botocore must not be asked: make it fail if it is.
-        with (
-            mock.patch.object(storage, "_presign_sync", side_effect=AssertionError),
-            mock.patch.object(storage, "_presign_async", side_effect=AssertionError),
-        ):
-            fast = await presign(fs, "s3://bench-bkt/out/canny/img-000042.png", method)
-        expected = await botocore_url(
-            fs, "s3://bench-bkt/out/canny/img-000042.png", method, params, amz_date(fast)
-        )
-        assert fast == expected
+        # From now on botocore must not be asked (it fails if it is).
+        fast = await template_url(fs, "s3://bench-bkt/out/canny/img-000042.png", method)
         assert fast != first
         query = dict(parse_qsl(urlsplit(fast).query))
         assert query["X-Amz-Expires"] == "900"
@@ -166,16 +169,7 @@ async def test_warm_presigning_teaches_the_bucket_so_the_first_url_needs_no_boto
     try:
         storage.warm_presigning("s3://warm-bkt/guides/", fs=fs)
         assert storage._templates.get(fs), "warming learned no template"
-        params = {"ContentType": PNG} if method == "put_object" else {}
-        with (
-            mock.patch.object(storage, "_presign_sync", side_effect=AssertionError),
-            mock.patch.object(storage, "_presign_async", side_effect=AssertionError),
-        ):
-            fast = await presign(fs, "s3://warm-bkt/guides/canny/a1.png", method)
-        expected = await botocore_url(
-            fs, "s3://warm-bkt/guides/canny/a1.png", method, params, amz_date(fast)
-        )
-        assert fast == expected
+        await template_url(fs, "s3://warm-bkt/guides/canny/a1.png", method)
         # Another bucket was not warmed: botocore signs its first URL.
         with (
             mock.patch.object(storage, "_presign_sync", side_effect=RuntimeError("botocore")),
